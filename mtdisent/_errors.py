@@ -1,0 +1,63 @@
+"""The exception hierarchy: every error mtdisent raises derives from :class:`MtdisentError`."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from difflib import get_close_matches
+
+__all__ = [
+    "MtdisentError",
+    "SpecError",
+    "UnknownComponentError",
+    "DuplicateComponentError",
+    "PluginLoadError",
+    "ComponentError",
+    "PluginWarning",
+    "did_you_mean",
+]
+
+
+class MtdisentError(Exception):
+    """Root of every error raised by mtdisent."""
+
+
+class SpecError(MtdisentError, ValueError):
+    """An experiment specification is invalid; the message names the field and what would be valid."""
+
+
+class UnknownComponentError(MtdisentError, KeyError):
+    """A registry was asked for a name it does not hold."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateComponentError(MtdisentError):
+    """Two components were registered under the same name."""
+
+
+class PluginLoadError(MtdisentError, ImportError):
+    """A plugin's entry point could not be imported."""
+
+
+class ComponentError(MtdisentError):
+    """A component (backbone, objective, dataset) was built with bad arguments or misbehaved."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin failed to load or was declared twice; the other plugins keep working."""
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """Return a sentence listing what is available and the closest matches to ``name``."""
+    candidates = sorted(candidates)
+    close = get_close_matches(name, candidates, n=3, cutoff=0.5)
+    available = ", ".join(repr(c) for c in candidates) if candidates else "(none)"
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"Available: {available}.{hint}"
+
+
+def warn_plugin(message: str) -> None:
+    """Emit a :class:`PluginWarning` attributed to the caller's caller."""
+    warnings.warn(message, PluginWarning, stacklevel=3)

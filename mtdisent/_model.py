@@ -1,0 +1,216 @@
+"""The assembled multi-task model and its builder."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ._errors import ComponentError, MtdisentError, SpecError, did_you_mean
+from ._heads import MLPHead
+from ._registry import backbones
+from ._spec import AdversaryPair, Component, Experiment
+
+__all__ = ["MultiTaskModel", "ModelOutput", "build_model", "build_backbone", "check_kwargs"]
+
+
+class ModelOutput(NamedTuple):
+    """What one forward pass gives training.
+
+    Attributes:
+        features: ``{task: (B, D_task)}`` encoder features.
+        logits: ``{task: (B, classes_task)}`` classifier logits.
+        adversary_logits: ``{"source->target": (B, classes_target)}`` adversary logits.
+    """
+
+    features: dict[str, torch.Tensor]
+    logits: dict[str, torch.Tensor]
+    adversary_logits: dict[str, torch.Tensor]
+
+
+def check_kwargs(fn: Any, args: dict[str, Any], what: str, skip: tuple[str, ...] = ()) -> None:
+    """Raise :class:`ComponentError` naming ``what`` if ``args`` holds a keyword ``fn`` does not accept."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in skip]
+    for key in args:
+        if key not in valid:
+            raise ComponentError(f"{what}: unknown argument {key!r}. {did_you_mean(key, valid)}")
+
+
+def build_backbone(component: Component, in_channels: int, *, what: str = "backbone") -> nn.Module:
+    """Instantiate a backbone from its spec; errors name the backbone and the bad argument."""
+    factory = backbones.get(component.name)
+    label = f"{what} {component.name!r}"
+    check_kwargs(factory, component.args, label, skip=("in_channels",))
+    try:
+        module = factory(in_channels=in_channels, **component.args)
+    except MtdisentError as exc:
+        raise ComponentError(f"{label}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ComponentError(f"{label} could not be built with args {component.args}: {exc}") from exc
+    if not isinstance(module, nn.Module):
+        raise ComponentError(f"{label}: factory returned {type(module).__name__}, expected a torch.nn.Module")
+    return module
+
+
+def _feature_size(module: nn.Module, input_shape: tuple[int, int, int], label: str) -> int:
+    """D of a backbone: a dry forward of two zero images in eval mode, checked against ``num_features``."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(2, *input_shape))  # (2, C, H, W) -> (2, D)
+    except Exception as exc:
+        raise ComponentError(
+            f"{label} failed on input of shape (B, {', '.join(map(str, input_shape))}): {exc}"
+        ) from exc
+    finally:
+        module.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ComponentError(f"{label} returned {shape} for a batch of 2; a backbone must map (B, C, H, W) to (B, D)")
+    declared = getattr(module, "num_features", None)
+    if isinstance(declared, int) and declared != out.shape[1]:
+        raise ComponentError(f"{label} declares num_features={declared} but returned D={out.shape[1]}")
+    return int(out.shape[1])
+
+
+class MultiTaskModel(nn.Module):
+    """Per-task encoders and classifiers plus one adversary per enabled ordered pair.
+
+    Modules are reachable by name: ``model.encoders["plane"]``, ``model.classifiers["plane"]``,
+    ``model.adversaries["plane->shadow"]`` (or ``model.adversary("plane", "shadow")``).
+
+    Args:
+        experiment: The validated experiment.
+        input_shape: ``(C, H, W)``; defaults to ``experiment.input_shape``.
+    """
+
+    def __init__(self, experiment: Experiment, input_shape: tuple[int, int, int] | None = None) -> None:
+        super().__init__()
+        shape = input_shape or experiment.input_shape
+        if shape is None:
+            raise SpecError(
+                "input_shape: not set. Give Experiment(input_shape=(channels, height, width)) or a dataset that "
+                "provides it."
+            )
+        self.experiment = experiment
+        self.input_shape: tuple[int, int, int] = tuple(shape)  # type: ignore[assignment]
+        self.task_names: list[str] = experiment.task_names
+        self.pairs: list[AdversaryPair] = experiment.adversary_pairs()
+        self.encoders = nn.ModuleDict()
+        self.classifiers = nn.ModuleDict()
+        self.adversaries = nn.ModuleDict()
+        self.feature_sizes: dict[str, int] = {}
+        sizes: dict[str, int] = {}  # D per backbone spec, one dry forward per distinct spec
+        for task in experiment.tasks:
+            comp = experiment.backbone_for(task.name)
+            label = f"backbone {comp.name!r} of task {task.name!r}"
+            encoder = build_backbone(comp, shape[0], what=f"task {task.name!r}: backbone")
+            key = comp.model_dump_json()
+            if key not in sizes:
+                sizes[key] = _feature_size(encoder, self.input_shape, label)
+            self.encoders[task.name] = encoder
+            self.feature_sizes[task.name] = sizes[key]
+            self.classifiers[task.name] = MLPHead(sizes[key], task.n_classes, experiment.head_for(task.name))
+        for pair in self.pairs:
+            target = experiment.task(pair.target)
+            self.adversaries[pair.key] = MLPHead(
+                self.feature_sizes[pair.source], target.n_classes, experiment.adversary.head
+            )
+
+    # -- access --------------------------------------------------------------------------------------
+    def adversary(self, source: str, target: str) -> MLPHead:
+        """The adversary predicting ``target`` from ``source``'s features."""
+        key = f"{source}->{target}"
+        if key not in self.adversaries:
+            raise ComponentError(f"no adversary {key!r}. {did_you_mean(key, list(self.adversaries.keys()))}")
+        return self.adversaries[key]  # type: ignore[return-value]
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the encoders and classifiers (what the main step optimises)."""
+        return [*self.encoders.parameters(), *self.classifiers.parameters()]
+
+    def adversary_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the adversaries."""
+        return list(self.adversaries.parameters())
+
+    # -- computation ---------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            c, h, w = self.input_shape
+            raise MtdisentError(f"images must have shape (B, {c}, {h}, {w}) (the experiment's input_shape), got {got}")
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, C, H, W) -> ``{task: (B, D_task)}``, gradients as the current mode allows."""
+        self._check_input(x)
+        return {name: self.encoders[name](x) for name in self.task_names}
+
+    def classify(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{task: (B, D)}`` -> ``{task: (B, classes)}`` logits."""
+        return {name: self.classifiers[name](features[name]) for name in self.task_names}
+
+    def adversary_logits(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{task: (B, D)}`` -> ``{"source->target": (B, classes_target)}``."""
+        return {p.key: self.adversaries[p.key](features[p.source]) for p in self.pairs}
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        """(B, C, H, W) -> features, classifier logits and adversary logits."""
+        features = self.encode(x)
+        return ModelOutput(features, self.classify(features), self.adversary_logits(features))
+
+    def _inference(self, fn: Any, x: torch.Tensor) -> Any:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                return fn(x)
+        finally:
+            self.train(was_training)
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{task: (B, D)}`` encoder features, computed in eval mode without gradients."""
+        return self._inference(self.encode, x)
+
+    def predict_proba(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{task: (B, classes)}`` class probabilities in eval mode."""
+        return self._inference(lambda t: {k: v.softmax(-1) for k, v in self.classify(self.encode(t)).items()}, x)
+
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{task: LongTensor[B]}`` predicted class indices in eval mode."""
+        return self._inference(lambda t: {k: v.argmax(-1) for k, v in self.classify(self.encode(t)).items()}, x)
+
+    def penultimate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{task: (B, H)}`` the classifiers' last hidden layer (the embedding the paper plots), in eval mode."""
+
+        def fn(t: torch.Tensor) -> dict[str, torch.Tensor]:
+            feats = self.encode(t)
+            return {k: self.classifiers[k].penultimate(feats[k]) for k in self.task_names}  # type: ignore[operator]
+
+        return self._inference(fn, x)
+
+
+def build_model(experiment: Experiment, input_shape: tuple[int, int, int] | None = None) -> MultiTaskModel:
+    """Build the multi-task model of ``experiment`` with weights seeded by ``experiment.seed``.
+
+    Args:
+        experiment: A validated :class:`~mtdisent.Experiment`.
+        input_shape: ``(C, H, W)`` overriding ``experiment.input_shape`` (for example from a dataset).
+
+    Returns:
+        A :class:`MultiTaskModel` in training mode on the CPU.
+    """
+    if not isinstance(experiment, Experiment):
+        raise SpecError(f"build_model expects an Experiment, got {type(experiment).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(experiment.seed)
+        return MultiTaskModel(experiment, input_shape)

@@ -1,0 +1,466 @@
+"""The experiment specification: what a user declares.
+
+Everything here is a pydantic v2 model that validates on construction, round-trips losslessly through
+JSON (``model_dump_json`` / ``model_validate_json``) and raises :class:`~mtdisent.SpecError` (never a bare
+pydantic error) naming the field, the task and what would be valid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ._errors import MtdisentError, SpecError, UnknownComponentError, did_you_mean
+from ._registry import REGISTRIES
+
+__all__ = [
+    "SpecModel",
+    "Component",
+    "HeadSpec",
+    "Task",
+    "Pair",
+    "AdversarySpec",
+    "OptimizerSpec",
+    "TrainingSpec",
+    "Experiment",
+    "AdversaryPair",
+    "load_spec",
+]
+
+TASK_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+# ----------------------------------------------------------------------------------------------------
+# error formatting
+# ----------------------------------------------------------------------------------------------------
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.startswith("function-") or part in {"model", "tagged-union"}:
+            continue
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "<root>"
+
+
+def _task_name_at(data: Any, loc: tuple[int | str, ...]) -> str | None:
+    if len(loc) >= 2 and loc[0] == "tasks" and isinstance(loc[1], int) and isinstance(data, Mapping):
+        tasks = data.get("tasks")
+        try:
+            task = tasks[loc[1]]  # type: ignore[index]
+        except (TypeError, IndexError, KeyError):
+            return None
+        name = task.get("name") if isinstance(task, Mapping) else getattr(task, "name", None)
+        return name if isinstance(name, str) else None
+    return None
+
+
+def _all_field_names() -> set[str]:
+    names: set[str] = set()
+    for model in SpecModel.__subclasses__():
+        names.update(model.model_fields)
+    return names
+
+
+def _format_validation_error(exc: ValidationError, model: str, data: Any) -> tuple[str, list[Any]]:
+    lines = []
+    errors = exc.errors(include_url=False)
+    for err in errors:
+        loc = tuple(err["loc"])
+        path = _loc_to_path(loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        task = _task_name_at(data, loc)
+        where = f"{path} (task {task!r})" if task else path
+        if err["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
+            msg = f"unknown field {loc[-1]!r}. {did_you_mean(loc[-1], _all_field_names())}"
+        elif err["type"] == "missing":
+            msg = "this field is required"
+        lines.append(f"  {where}: {msg}")
+    head = f"invalid {model} spec ({len(errors)} error{'s' if len(errors) != 1 else ''}):"
+    return "\n".join([head, *lines]), errors
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: strict fields, JSON-safe, errors raised as :class:`SpecError`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, frozen=False)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            message, errors = _format_validation_error(exc, type(self).__name__, data)
+            raise SpecError(message, errors) from exc
+
+    # Tell pydantic this __init__ only wraps the base one, so nested models are validated by pydantic's
+    # core (keeping the full error location) instead of calling __init__ for each nested model.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            message, errors = _format_validation_error(exc, type(self).__name__, {})
+            raise SpecError(message, errors) from exc
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
+        """Validate a mapping (or model); raises :class:`SpecError`."""
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as exc:
+            message, errors = _format_validation_error(exc, cls.__name__, obj)
+            raise SpecError(message, errors) from exc
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> Any:
+        """Validate a JSON document; raises :class:`SpecError` (also for malformed JSON)."""
+        try:
+            data = json.loads(json_data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SpecError(f"invalid {cls.__name__} JSON: {exc}") from exc
+        return cls.model_validate(data, **kwargs)
+
+
+def _json_safe(value: Any, where: str) -> Any:
+    """Normalise ``value`` to plain JSON types (tuples become lists) or raise naming ``where``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where} is {value}; only finite numbers can be stored in a spec")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where} has key {k!r}; keys must be strings")
+            out[k] = _json_safe(v, f"{where}[{k!r}]")
+        return out
+    raise ValueError(
+        f"{where} has a value of type {type(value).__name__}; spec arguments must be JSON values "
+        "(numbers, strings, booleans, lists, dicts). Register a component and refer to it by name instead."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# components
+# ----------------------------------------------------------------------------------------------------
+class Component(SpecModel):
+    """A registry name plus keyword arguments for its factory. A bare string is accepted as the name."""
+
+    kind: ClassVar[str] = ""
+    name: str = Field(min_length=1)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @field_validator("args")
+    @classmethod
+    def _args_json(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _json_safe(v, "args")
+
+
+def _check_component(comp: Component | None, kind: str, field: str) -> None:
+    if comp is None:
+        return
+    registry = REGISTRIES[kind]
+    if comp.name not in registry:
+        raise ValueError(f"{field}.name: unknown {kind} {comp.name!r}. {did_you_mean(comp.name, registry.names())}")
+
+
+class HeadSpec(SpecModel):
+    """An MLP head: ``hidden`` dense layers (Linear -> BatchNorm -> activation), then a Linear to the classes.
+
+    The paper's head is ``HeadSpec(hidden=[256])``: Dense(256, no bias) -> BatchNorm -> ReLU -> Dense(classes).
+    """
+
+    hidden: list[int] = Field(default_factory=lambda: [256])
+    batchnorm: bool = True
+    activation: Literal["relu", "leaky_relu", "gelu", "elu", "tanh"] = "relu"
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    bias: bool = False
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        bad = [h for h in v if h < 1]
+        if bad:
+            raise ValueError(f"hidden layer sizes must be >= 1, got {v}")
+        return v
+
+
+class Task(SpecModel):
+    """One classification task.
+
+    Args:
+        name: Identifier of the task (letters, digits, underscore; not starting with a digit).
+        classes: Class names. Give these or ``num_classes``.
+        num_classes: Number of classes (>= 2); filled in from ``classes`` when those are given.
+        head: Classifier head for this task; ``None`` uses ``Experiment.head``.
+        backbone: Encoder for this task; ``None`` uses ``Experiment.backbone``.
+        loss_weight: Weight ``w_i`` of this task's classification loss (>= 0).
+    """
+
+    name: str = Field(pattern=TASK_NAME_PATTERN, max_length=64)
+    classes: list[str] | None = None
+    num_classes: int | None = Field(default=None, ge=2)
+    head: HeadSpec | None = None
+    backbone: Component | None = None
+    loss_weight: float = Field(default=1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _classes(self) -> Task:
+        if self.classes is None and self.num_classes is None:
+            raise ValueError(f"task {self.name!r}: give classes=[...] (names) or num_classes=N (N >= 2)")
+        if self.classes is not None:
+            if len(self.classes) < 2:
+                raise ValueError(f"task {self.name!r}: classes has {len(self.classes)} entry; at least 2 are needed")
+            if len(set(self.classes)) != len(self.classes):
+                dup = sorted({c for c in self.classes if self.classes.count(c) > 1})
+                raise ValueError(f"task {self.name!r}: class names must be unique, repeated: {dup}")
+            if self.num_classes is not None and self.num_classes != len(self.classes):
+                raise ValueError(
+                    f"task {self.name!r}: num_classes={self.num_classes} but classes lists {len(self.classes)} names"
+                )
+            if self.num_classes is None:
+                object.__setattr__(self, "num_classes", len(self.classes))
+        return self
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes (always set after validation)."""
+        assert self.num_classes is not None
+        return self.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names, ``["0", "1", ...]`` when only ``num_classes`` was given."""
+        return list(self.classes) if self.classes is not None else [str(i) for i in range(self.n_classes)]
+
+
+class Pair(SpecModel):
+    """Override for the adversary predicting task ``target`` from task ``source``'s features."""
+
+    source: str
+    target: str
+    enabled: bool = True
+    weight: float = Field(default=1.0, ge=0.0)
+
+
+class AdversaryPair(NamedTuple):
+    """An enabled adversary: predicts ``target`` from ``source``'s features, weighted by ``weight``."""
+
+    source: str
+    target: str
+    weight: float
+
+    @property
+    def key(self) -> str:
+        """Key of this adversary in the model's ``adversaries`` ModuleDict."""
+        return f"{self.source}->{self.target}"
+
+
+class AdversarySpec(SpecModel):
+    """The adversaries and the encoder-side objective that opposes them.
+
+    Args:
+        objective: Objective plugin (``minmax`` is the paper's) and its arguments.
+        weight: The global adversarial weight lambda (>= 0; 0 trains the plain multi-task model).
+        steps: Adversary optimisation steps per iteration (k; the paper uses 5, its public code 3).
+        features: ``"fresh"`` (each adversary step draws a new batch and re-encodes it without gradients,
+            as the public code does) or ``"reuse"`` (the main step's detached features).
+        head: Head of every adversary.
+        schedule: How lambda ramps up: constant, linear warm-up or DANN's sigmoid ramp.
+        warmup: Iterations over which the schedule ramps from 0 to ``weight``.
+    """
+
+    objective: Component = Field(default_factory=lambda: Component(name="minmax"))
+    weight: float = Field(default=0.01, ge=0.0)
+    steps: int = Field(default=5, ge=0)
+    features: Literal["fresh", "reuse"] = "fresh"
+    head: HeadSpec = Field(default_factory=HeadSpec)
+    schedule: Literal["constant", "linear", "sigmoid"] = "constant"
+    warmup: int = Field(default=0, ge=0)
+
+
+class OptimizerSpec(SpecModel):
+    """An optimiser: ``adam``, ``adamw`` or ``sgd`` with its settings."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=1e-4, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+
+
+class TrainingSpec(SpecModel):
+    """How to train. The training engine reads these fields."""
+
+    iterations: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=50, ge=1)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    adversary_optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(name="sgd", lr=1e-4))
+    l2: float = Field(default=1e-5, ge=0.0)
+    hflip: bool = True
+    device: str = "auto"
+
+
+class Experiment(SpecModel):
+    """An N-task disentanglement experiment.
+
+    Args:
+        tasks: The tasks (at least 2, unique names).
+        backbone: Encoder used by every task without its own ``backbone``.
+        input_shape: ``(channels, height, width)`` of the images; may come from a dataset instead.
+        head: Classifier head used by every task without its own ``head``.
+        adversary: Adversary settings (objective, lambda, steps, head).
+        pairs: Overrides for individual adversaries: switch one off or change its weight.
+        all_pairs: Start from every ordered pair (i, j), i != j (default) or from none (then only the
+            pairs listed in ``pairs`` with ``enabled=True`` get adversaries).
+        data: Dataset from the ``datasets`` registry.
+        training: Training settings.
+        seed: Seed for weights and data order.
+        name: Optional human name of the experiment.
+    """
+
+    tasks: list[Task]
+    backbone: Component = Field(default_factory=lambda: Component(name="dltk_residual"))
+    input_shape: tuple[int, int, int] | None = None
+    head: HeadSpec = Field(default_factory=HeadSpec)
+    adversary: AdversarySpec = Field(default_factory=AdversarySpec)
+    pairs: list[Pair] = Field(default_factory=list)
+    all_pairs: bool = True
+    data: Component | None = None
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    seed: int = 0
+    name: str | None = None
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and any(d < 1 for d in v):
+            raise ValueError(f"must be (channels, height, width) with every entry >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Experiment:
+        names = [t.name for t in self.tasks]
+        if len(names) < 2:
+            raise ValueError(f"tasks: at least 2 tasks are needed for disentanglement, got {len(names)}")
+        seen: dict[str, int] = {}
+        for i, n in enumerate(names):
+            if n in seen:
+                raise ValueError(
+                    f"tasks[{i}].name: duplicate task name {n!r} (also tasks[{seen[n]}]); names must be unique"
+                )
+            seen[n] = i
+        pairs_seen: dict[tuple[str, str], int] = {}
+        for k, p in enumerate(self.pairs):
+            for field in ("source", "target"):
+                value = getattr(p, field)
+                if value not in seen:
+                    raise ValueError(f"pairs[{k}].{field}: unknown task {value!r}. {did_you_mean(value, names)}")
+            if p.source == p.target:
+                raise ValueError(f"pairs[{k}]: source and target are both {p.source!r}; an adversary needs two tasks")
+            if (p.source, p.target) in pairs_seen:
+                first = pairs_seen[(p.source, p.target)]
+                raise ValueError(f"pairs[{k}]: ({p.source!r}, {p.target!r}) is already given as pairs[{first}]")
+            pairs_seen[(p.source, p.target)] = k
+        _check_component(self.backbone, "backbone", "backbone")
+        for i, t in enumerate(self.tasks):
+            _check_component(t.backbone, "backbone", f"tasks[{i}].backbone (task {t.name!r})")
+        _check_component(self.adversary.objective, "objective", "adversary.objective")
+        _check_component(self.data, "dataset", "data")
+        return self
+
+    # -- derived views -------------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        """Task names in declaration order."""
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> Task:
+        """The task called ``name``."""
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise UnknownComponentError(f"Unknown task {name!r}. {did_you_mean(name, self.task_names)}")
+
+    def head_for(self, name: str) -> HeadSpec:
+        """Classifier head of task ``name`` (its override or the experiment default)."""
+        return self.task(name).head or self.head
+
+    def backbone_for(self, name: str) -> Component:
+        """Backbone of task ``name`` (its override or the experiment default)."""
+        return self.task(name).backbone or self.backbone
+
+    def adversary_pairs(self) -> list[AdversaryPair]:
+        """Enabled adversaries in task order: every ordered pair unless switched off, with per-pair weights."""
+        overrides = {(p.source, p.target): p for p in self.pairs}
+        out = []
+        for src in self.task_names:
+            for tgt in self.task_names:
+                if src == tgt:
+                    continue
+                p = overrides.get((src, tgt))
+                enabled = p.enabled if p is not None else self.all_pairs
+                if enabled:
+                    out.append(AdversaryPair(src, tgt, p.weight if p is not None else 1.0))
+        return out
+
+
+def load_spec(path: str | Path) -> Experiment:
+    """Read an :class:`Experiment` from a JSON file or from a Python file that defines one.
+
+    A Python file must define exactly one ``Experiment`` at module level (conventionally ``experiment``),
+    or a variable named ``experiment``.
+
+    Raises:
+        SpecError: the file is missing, unreadable, or does not define a valid experiment.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {str(path)!r} does not exist (expected a .json or .py file)")
+    if path.suffix == ".py":
+        try:
+            namespace = runpy.run_path(str(path), run_name="__mtdisent_spec__")
+        except MtdisentError as exc:
+            raise SpecError(f"spec file {str(path)!r}: {exc}") from exc
+        except Exception as exc:
+            raise SpecError(f"spec file {str(path)!r} raised {type(exc).__name__}: {exc}") from exc
+        if isinstance(namespace.get("experiment"), Experiment):
+            return namespace["experiment"]
+        found = {k: v for k, v in namespace.items() if isinstance(v, Experiment) and not k.startswith("_")}
+        if len(found) == 1:
+            return next(iter(found.values()))
+        if not found:
+            raise SpecError(
+                f"spec file {str(path)!r} defines no Experiment; assign one to a variable named 'experiment'"
+            )
+        raise SpecError(
+            f"spec file {str(path)!r} defines several Experiments ({', '.join(sorted(found))}); "
+            "name the one to use 'experiment'"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"spec file {str(path)!r} cannot be read: {exc}") from exc
+    try:
+        return Experiment.model_validate_json(text)
+    except SpecError as exc:
+        raise SpecError(f"spec file {str(path)!r}: {exc}", *exc.args[1:]) from exc

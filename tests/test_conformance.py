@@ -1,0 +1,61 @@
+"""The conformance kit applied to every registered backbone and objective."""
+
+import pytest
+import torch
+
+import mtdisent as md
+from mtdisent.testing import backbone_names, check_backbone, check_objective, objective_names
+
+# Small configurations so every backbone runs quickly on the CPU.
+BACKBONE_ARGS = {
+    "dltk_residual": [
+        {"filters": [4, 8, 16], "strides": [1, 2, 2]},
+        {"filters": [4, 8, 4], "strides": [1, 2, [1, 2]], "units_per_scale": 2, "output": "pool"},
+    ],
+    "timm": [{"model": "resnet18"}],
+}
+
+
+@pytest.mark.parametrize("name", backbone_names())
+def test_backbone_conformance(name):
+    assert name in BACKBONE_ARGS, f"add a small configuration for new backbone {name!r}"
+    for args in BACKBONE_ARGS[name]:
+        check_backbone(name, args=args, in_channels=2, input_size=(32, 32))
+
+
+@pytest.mark.parametrize("name", objective_names())
+def test_objective_conformance(name):
+    check_objective(name)
+
+
+def test_check_backbone_catches_a_bad_backbone():
+    class Bad(torch.nn.Module):
+        def __init__(self, in_channels):
+            super().__init__()
+            self.used = torch.nn.Conv2d(in_channels, 2, 1)
+            self.unused = torch.nn.Linear(2, 2)
+            self.num_features = 2
+
+        def forward(self, x):
+            return self.used(x).mean(dim=(2, 3))
+
+    md.register("backbone", "test_bad_bb", Bad)
+    try:
+        with pytest.raises(AssertionError, match="no gradient.*unused"):
+            check_backbone("test_bad_bb")
+    finally:
+        md.backbones.unregister("test_bad_bb")
+
+
+def test_check_objective_catches_a_detached_term():
+    class Detached(md.Objective):
+        def encoder_term(self, adversary, features, target, weight):
+            return adversary(features.detach()).sum() * 0 + torch.tensor(1.0, requires_grad=True)
+
+    with pytest.raises(AssertionError, match="no gradient to features"):
+        check_objective(Detached)
+
+
+def test_objective_rejects_unknown_kwargs_by_name():
+    with pytest.raises(md.ComponentError, match="'strength'"):
+        md.objectives.get("minmax")(strength=2)
