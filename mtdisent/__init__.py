@@ -6,6 +6,7 @@ and datasets are plugins found through entry points (see :func:`list_plugins`).
 
 from __future__ import annotations
 
+from ._data import DataError, DataSource
 from ._errors import (
     ComponentError,
     DuplicateComponentError,
@@ -49,6 +50,9 @@ __all__ = [
     "TrainingSpec",
     "load_spec",
     "preset",
+    # data
+    "DataSource",
+    "DataError",
     "presets",
     # registries and plugins
     "Registry",
