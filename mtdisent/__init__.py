@@ -7,6 +7,7 @@ and datasets are plugins found through entry points (see :func:`list_plugins`).
 from __future__ import annotations
 
 from ._data import DataError, DataSource
+from ._engine import CheckpointError, Run, TrainingError, load, train
 from ._errors import (
     ComponentError,
     DuplicateComponentError,
@@ -52,7 +53,6 @@ __all__ = [
     "preset",
     # data
     "DataSource",
-    "DataError",
     "presets",
     # registries and plugins
     "Registry",
@@ -62,8 +62,11 @@ __all__ = [
     "objectives",
     "datasets",
     "list_plugins",
-    # model
+    # model, training
     "build_model",
+    "train",
+    "load",
+    "Run",
     "MultiTaskModel",
     "ModelOutput",
     "MLPHead",
@@ -73,6 +76,9 @@ __all__ = [
     "MtdisentError",
     "SpecError",
     "ComponentError",
+    "DataError",
+    "TrainingError",
+    "CheckpointError",
     "UnknownComponentError",
     "DuplicateComponentError",
     "PluginLoadError",

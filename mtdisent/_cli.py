@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ._errors import MtdisentError, SpecError
 from ._registry import list_plugins
-from ._spec import Experiment, load_spec
+from ._spec import Experiment, load_spec, load_spec_file
 
 __all__ = ["main", "apply_overrides"]
 
@@ -91,6 +91,26 @@ def _cmd_build(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from ._engine import train
+
+    experiment, namespace = load_spec_file(args.spec)
+    experiment = apply_overrides(experiment, args.set)
+    run = train(
+        experiment,
+        data=namespace.get("data"),
+        out_dir=args.out_dir,
+        resume=args.resume,
+        quiet=args.quiet,
+        device=args.device,
+    )
+    last = run.history[-1] if run.history else {}
+    console.print(f"trained {run.iteration} iterations into {args.out_dir}")
+    for key in sorted(k for k in last if k.startswith(("acc/", "adv_acc/", "val_"))):
+        console.print(f"  {key}: {last[key]:.4f}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     import torch
 
@@ -123,6 +143,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
     p.set_defaults(func=_cmd_build)
+    p = sub.add_parser("train", help="train a spec (JSON, or a Python file defining experiment and optionally data)")
+    p.add_argument("spec")
+    p.add_argument("--out-dir", required=True, help="run directory (checkpoints, metrics.jsonl, final model)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None, help="override training.device (cpu, cuda, auto)")
+    p.set_defaults(func=_cmd_train)
     p = sub.add_parser("demo", help="build the embedded default experiment and run it on a few images")
     p.set_defaults(func=_cmd_demo)
     return parser

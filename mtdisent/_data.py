@@ -62,6 +62,9 @@ class DataSource(Mapping[str, Dataset]):
         except KeyError:
             raise DataError(f"no split {name!r}. {did_you_mean(name, self._splits)}") from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._splits
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._splits)
 
@@ -106,7 +109,8 @@ def check_item(item: Any, index: int, experiment: Experiment, input_shape: tuple
         k = experiment.task(key).n_classes
         if not (value == UNLABELLED or 0 <= value < k):
             raise DataError(
-                f"sample {index}, task {key!r}: label {int(value)} is out of range; expected 0..{k - 1} or -1 (unlabelled)"
+                f"sample {index}, task {key!r}: label {int(value)} is out of range; "
+                f"expected 0..{k - 1} or -1 (unlabelled)"
             )
 
 
@@ -130,8 +134,11 @@ def collate(
 
 
 def resolve_data(experiment: Experiment, data: Any = None) -> DataSource:
-    """The data to use: ``data`` if given (a DataSource, a mapping of splits or a single training
-    Dataset), else the spec's ``data`` component built from the datasets registry."""
+    """Resolve the data of a run.
+
+    ``data`` if given (a DataSource, a mapping of splits or a single training Dataset), else the spec's
+    ``data`` component built from the datasets registry.
+    """
     if data is None:
         if experiment.data is None:
             raise DataError(

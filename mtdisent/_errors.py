@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 from difflib import get_close_matches
+from typing import Any
 
 __all__ = [
     "MtdisentError",
@@ -23,7 +24,15 @@ class MtdisentError(Exception):
 
 
 class SpecError(MtdisentError, ValueError):
-    """An experiment specification is invalid; the message names the field and what would be valid."""
+    """An experiment specification is invalid; the message names the field and what would be valid.
+
+    Attributes:
+        errors: The individual problems (pydantic's error dicts) when the spec failed validation.
+    """
+
+    def __init__(self, message: str, errors: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.errors = list(errors or [])
 
 
 class UnknownComponentError(MtdisentError, KeyError):

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ._errors import MtdisentError, SpecError, UnknownComponentError, did_you_mean
 from ._registry import REGISTRIES
@@ -79,6 +79,9 @@ def _format_validation_error(exc: ValidationError, model: str, data: Any) -> tup
         msg = err["msg"].removeprefix("Value error, ")
         task = _task_name_at(data, loc)
         where = f"{path} (task {task!r})" if task else path
+        if not loc:  # a cross-field check: its message starts with the field path itself
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+            continue
         if err["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
             msg = f"unknown field {loc[-1]!r}. {did_you_mean(loc[-1], _all_field_names())}"
         elif err["type"] == "missing":
@@ -174,8 +177,9 @@ class Component(SpecModel):
         return _json_safe(v, "args")
 
 
-def _check_component(comp: Component | None, kind: str, field: str) -> None:
-    if comp is None:
+def _check_component(comp: Component | None, kind: str, field: str, info: ValidationInfo | None = None) -> None:
+    skip = (info.context or {}).get("skip_registry_checks", ()) if info is not None else ()
+    if comp is None or kind in skip:
         return
     registry = REGISTRIES[kind]
     if comp.name not in registry:
@@ -309,15 +313,43 @@ class OptimizerSpec(SpecModel):
 
 
 class TrainingSpec(SpecModel):
-    """How to train. The training engine reads these fields."""
+    """How to train.
+
+    Args:
+        iterations: Training iterations (1 main step + ``adversary.steps`` adversary steps each).
+        batch_size: Images per step (the paper: 50).
+        optimizer: Optimiser of encoders and classifiers (Adam by default).
+        adversary_optimizer: Optimiser of the adversaries (SGD with momentum 0.9 by default).
+        l2: Weight of the L2 penalty on every weight matrix/kernel, added to each step's loss (paper: 1e-5).
+        hflip: Random horizontal flips of training images.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        amp: Mixed precision: ``"auto"`` (bf16 autocast on CUDA, off on CPU), ``"bf16"`` or ``"off"``.
+        compile: Run the encoders through ``torch.compile``.
+        checkpoint_every: Write a checkpoint every this many iterations (and at the end).
+        keep_last: Checkpoints kept besides the best one.
+        eval_every: Evaluate on the validation split every this many iterations (0: at each checkpoint).
+        log_every: Write a line to metrics.jsonl every this many iterations.
+        train_split: Split of the data used for training.
+        val_split: Split used to select the best checkpoint (skipped when the data has none).
+        tensorboard: Also log to TensorBoard when it is installed.
+    """
 
     iterations: int = Field(default=1000, ge=1)
-    batch_size: int = Field(default=50, ge=1)
+    batch_size: int = Field(default=50, ge=2)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     adversary_optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(name="sgd", lr=1e-4))
     l2: float = Field(default=1e-5, ge=0.0)
     hflip: bool = True
-    device: str = "auto"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    compile: bool = False
+    checkpoint_every: int = Field(default=500, ge=1)
+    keep_last: int = Field(default=2, ge=1)
+    eval_every: int = Field(default=0, ge=0)
+    log_every: int = Field(default=10, ge=1)
+    train_split: str = "train"
+    val_split: str = "val"
+    tensorboard: bool = False
 
 
 class Experiment(SpecModel):
@@ -358,7 +390,7 @@ class Experiment(SpecModel):
         return v
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> Experiment:
+    def _cross_checks(self, info: ValidationInfo) -> Experiment:
         names = [t.name for t in self.tasks]
         if len(names) < 2:
             raise ValueError(f"tasks: at least 2 tasks are needed for disentanglement, got {len(names)}")
@@ -381,11 +413,11 @@ class Experiment(SpecModel):
                 first = pairs_seen[(p.source, p.target)]
                 raise ValueError(f"pairs[{k}]: ({p.source!r}, {p.target!r}) is already given as pairs[{first}]")
             pairs_seen[(p.source, p.target)] = k
-        _check_component(self.backbone, "backbone", "backbone")
+        _check_component(self.backbone, "backbone", "backbone", info)
         for i, t in enumerate(self.tasks):
-            _check_component(t.backbone, "backbone", f"tasks[{i}].backbone (task {t.name!r})")
-        _check_component(self.adversary.objective, "objective", "adversary.objective")
-        _check_component(self.data, "dataset", "data")
+            _check_component(t.backbone, "backbone", f"tasks[{i}].backbone (task {t.name!r})", info)
+        _check_component(self.adversary.objective, "objective", "adversary.objective", info)
+        _check_component(self.data, "dataset", "data", info)
         return self
 
     # -- derived views -------------------------------------------------------------------------------
@@ -427,12 +459,16 @@ class Experiment(SpecModel):
 def load_spec(path: str | Path) -> Experiment:
     """Read an :class:`Experiment` from a JSON file or from a Python file that defines one.
 
-    A Python file must define exactly one ``Experiment`` at module level (conventionally ``experiment``),
-    or a variable named ``experiment``.
+    A Python file must define a variable named ``experiment`` or exactly one ``Experiment`` at module level.
 
     Raises:
         SpecError: the file is missing, unreadable, or does not define a valid experiment.
     """
+    return load_spec_file(path)[0]
+
+
+def load_spec_file(path: str | Path) -> tuple[Experiment, dict[str, Any]]:
+    """Like :func:`load_spec`, also returning the Python file's namespace (empty for JSON), for ``data``."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file {str(path)!r} does not exist (expected a .json or .py file)")
@@ -444,10 +480,10 @@ def load_spec(path: str | Path) -> Experiment:
         except Exception as exc:
             raise SpecError(f"spec file {str(path)!r} raised {type(exc).__name__}: {exc}") from exc
         if isinstance(namespace.get("experiment"), Experiment):
-            return namespace["experiment"]
+            return namespace["experiment"], namespace
         found = {k: v for k, v in namespace.items() if isinstance(v, Experiment) and not k.startswith("_")}
         if len(found) == 1:
-            return next(iter(found.values()))
+            return next(iter(found.values())), namespace
         if not found:
             raise SpecError(
                 f"spec file {str(path)!r} defines no Experiment; assign one to a variable named 'experiment'"
@@ -461,6 +497,6 @@ def load_spec(path: str | Path) -> Experiment:
     except OSError as exc:
         raise SpecError(f"spec file {str(path)!r} cannot be read: {exc}") from exc
     try:
-        return Experiment.model_validate_json(text)
+        return Experiment.model_validate_json(text), {}
     except SpecError as exc:
-        raise SpecError(f"spec file {str(path)!r}: {exc}", *exc.args[1:]) from exc
+        raise SpecError(f"spec file {str(path)!r}: {exc}", exc.errors) from exc

@@ -1,0 +1,269 @@
+"""Checkpoints: tensors in safetensors, everything else in JSON; atomic writes; never unpickled.
+
+Layout of a run directory::
+
+    spec.json                      the experiment
+    metrics.jsonl                  one JSON object per logged iteration
+    checkpoints/iter-00000500/     tensors.safetensors + state.json (with the tensors' SHA-256)
+    checkpoints/best/              the best checkpoint on validation data
+    model.safetensors, model.json  the final inference model
+
+A checkpoint directory is written under a temporary name, every file fsynced, then renamed into place,
+so a crash leaves either the previous checkpoint or the new one, never a partial one that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .._errors import MtdisentError
+from .._model import MultiTaskModel, build_model
+from .._spec import Experiment
+
+__all__ = [
+    "CheckpointError",
+    "FORMAT_VERSION",
+    "write_checkpoint",
+    "read_checkpoint",
+    "latest_checkpoint",
+    "prune_checkpoints",
+    "atomic_write_text",
+    "export_model",
+    "load",
+]
+
+FORMAT_VERSION = 1
+_ITER_DIR = re.compile(r"^iter-(\d{8})$")
+
+
+class CheckpointError(MtdisentError):
+    """A checkpoint is missing, truncated, corrupt or of an unknown format; the message names the file."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    """Atomically write ``directory`` holding ``tensors.safetensors`` and ``state.json``.
+
+    An existing directory of that name is replaced only once the new one is complete.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
+    try:
+        tensor_file = tmp / "tensors.safetensors"
+        save_file(_contiguous(tensors), str(tensor_file))
+        _fsync_file(tensor_file)
+        full = {"format_version": FORMAT_VERSION, "tensors_sha256": _sha256(tensor_file), **state}
+        state_file = tmp / "state.json"
+        state_file.write_text(json.dumps(full, indent=1, sort_keys=True), encoding="utf-8")
+        _fsync_file(state_file)
+        _fsync_dir(tmp)
+        if directory.exists():  # replace: move the old one aside first, then drop it
+            old = directory.parent / f".old-{directory.name}-{os.getpid()}"
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify a checkpoint directory; raises :class:`CheckpointError` naming the bad file."""
+    directory = Path(directory)
+    state_file, tensor_file = directory / "state.json", directory / "tensors.safetensors"
+    for f in (state_file, tensor_file):
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {str(f)!r} is missing")
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {str(state_file)!r} is corrupt or truncated: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        version = state.get("format_version") if isinstance(state, dict) else None
+        raise CheckpointError(
+            f"checkpoint file {str(state_file)!r} has format_version {version!r}; this mtdisent reads {FORMAT_VERSION}"
+        )
+    if _sha256(tensor_file) != state.get("tensors_sha256"):
+        raise CheckpointError(
+            f"checkpoint file {str(tensor_file)!r} does not match the checksum in state.json (truncated or corrupt)"
+        )
+    try:
+        tensors = load_file(str(tensor_file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint file {str(tensor_file)!r} cannot be read: {exc}") from exc
+    return tensors, state
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete-looking ``iter-*`` checkpoint directories of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _ITER_DIR.match(p.name))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; corrupt newer ones are skipped (a crash mid-write)."""
+    for d in reversed(checkpoint_dirs(run_dir)):
+        try:
+            read_checkpoint(d)
+        except CheckpointError:
+            continue
+        return d
+    return None
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Remove all but the newest ``keep_last`` ``iter-*`` checkpoints and any leftover temporary directories."""
+    dirs = checkpoint_dirs(run_dir)
+    for d in dirs[:-keep_last]:
+        shutil.rmtree(d, ignore_errors=True)
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def export_model(run_dir: Path, model: MultiTaskModel, extra: dict[str, Any] | None = None) -> None:
+    """Write the inference model (``model.safetensors`` + ``model.json``) atomically."""
+    run_dir = Path(run_dir)
+    state = {
+        "format_version": FORMAT_VERSION,
+        "experiment": json.loads(model.experiment.model_dump_json()),
+        "input_shape": list(model.input_shape),
+        **(extra or {}),
+    }
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(_contiguous(model.state_dict()), tmp)
+        _fsync_file(Path(tmp))
+        state["tensors_sha256"] = _sha256(Path(tmp))
+        os.replace(tmp, run_dir / "model.safetensors")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_text(run_dir / "model.json", json.dumps(state, indent=1, sort_keys=True))
+
+
+def _inference_spec(data: Any) -> Experiment:
+    """The experiment of a saved model; objective and dataset plugins need not be installed for inference."""
+    return Experiment.model_validate(data, context={"skip_registry_checks": ("objective", "dataset")})
+
+
+def _model_from(
+    tensors: dict[str, torch.Tensor], experiment: Experiment, input_shape: Any, where: Path
+) -> MultiTaskModel:
+    model = build_model(experiment, tuple(input_shape) if input_shape else None)
+    model_tensors = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")} or tensors
+    try:
+        model.load_state_dict(model_tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights in {str(where)!r} do not fit the experiment's model: {exc}") from exc
+    return model
+
+
+def load(path: str | os.PathLike[str], which: str = "final", device: str | torch.device = "cpu") -> MultiTaskModel:
+    """Load an inference model from a run directory or a checkpoint directory; nothing is unpickled.
+
+    Args:
+        path: A run directory (``out_dir`` of :func:`~mtdisent.train`) or one of its checkpoint directories.
+        which: For a run directory: ``"final"`` (the exported model; falls back to the latest checkpoint when
+            training has not finished), ``"best"`` (best on validation data) or ``"latest"``.
+        device: Where to put the model.
+
+    Returns:
+        The :class:`~mtdisent.MultiTaskModel` in eval mode.
+
+    Raises:
+        CheckpointError: nothing loadable there, or the files are corrupt; the message names the file.
+    """
+    path = Path(path)
+    if which not in {"final", "best", "latest"}:
+        raise CheckpointError(f"which={which!r}: expected 'final', 'best' or 'latest'")
+    if (path / "state.json").is_file():  # a checkpoint directory
+        tensors, state = read_checkpoint(path)
+        model = _model_from(tensors, _inference_spec(state["experiment"]), state.get("input_shape"), path)
+        return model.to(device).eval()
+    if not path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is not a run or checkpoint directory")
+    if which == "final" and (path / "model.json").is_file():
+        meta_file, tensor_file = path / "model.json", path / "model.safetensors"
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{str(meta_file)!r} is corrupt: {exc}") from exc
+        if not tensor_file.is_file() or _sha256(tensor_file) != meta.get("tensors_sha256"):
+            raise CheckpointError(f"{str(tensor_file)!r} is missing or does not match the checksum in model.json")
+        try:
+            tensors = load_file(str(tensor_file))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{str(tensor_file)!r} cannot be read: {exc}") from exc
+        model = _model_from(tensors, _inference_spec(meta["experiment"]), meta.get("input_shape"), tensor_file)
+        return model.to(device).eval()
+    if which == "best" and (path / "checkpoints" / "best").is_dir():
+        return load(path / "checkpoints" / "best", device=device)
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{str(path)!r} holds no model.safetensors and no valid checkpoint")
+    return load(latest, device=device)

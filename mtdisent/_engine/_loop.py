@@ -1,0 +1,536 @@
+"""The training loop: per iteration one main step, then k adversary steps.
+
+Main step (encoders + classifiers; adversary weights untouched)::
+
+    sum_i w_i CE(C_i(z_i), y_i) + sum_(i,j) objective.encoder_term(A_ij, z_i, y_j, lambda_t * lambda_ij) + l2 * |W|^2
+
+For the paper's ``minmax`` objective the pair term is ``-lambda CE(A_ij(z_i), y_j)``. Adversary steps
+minimise ``sum_(i,j) CE(A_ij(z_i), y_j) + l2 * |W_adv|^2`` on detached features: the main step's
+(``features="reuse"``) or a fresh batch encoded without gradients (``features="fresh"``).
+
+BatchNorm: the main step runs everything in train mode; the adversaries' running statistics are restored
+afterwards, so the main step leaves the adversaries exactly as they were. Fresh adversary passes run the
+encoders in train mode (batch statistics, as in the main step) and restore the encoders' running
+statistics, so those see each main-step batch exactly once, whatever k is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._data import DataError, DataSource, resolve_data
+from .._errors import ComponentError, MtdisentError, SpecError
+from .._model import MultiTaskModel, build_model, check_kwargs
+from .._objectives import Objective
+from .._registry import objectives
+from .._spec import Experiment, OptimizerSpec
+from ._checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    export_model,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_checkpoint,
+    write_checkpoint,
+)
+from ._progress import Progress
+from ._stream import Batches, BatchStream
+
+__all__ = ["train", "Run", "TrainingError", "lambda_schedule", "masked_cross_entropy", "Trainer"]
+
+
+class TrainingError(MtdisentError):
+    """Training cannot go on (a non-finite loss, for example); the last good checkpoint stays."""
+
+
+@dataclass
+class Run:
+    """The result of :func:`train`.
+
+    Attributes:
+        experiment: The experiment trained.
+        model: The trained model (training mode, on the training device).
+        out_dir: The run directory, or ``None`` for an in-memory run.
+        iteration: Iterations completed.
+        history: The logged metrics, one dict per logged iteration.
+        best: Validation metrics of the best checkpoint, when validation data was given.
+    """
+
+    experiment: Experiment
+    model: MultiTaskModel
+    out_dir: Path | None
+    iteration: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+
+
+def lambda_schedule(kind: str, iteration: int, warmup: int, total: int) -> float:
+    """Multiplier in [0, 1] of the adversarial weight at ``iteration`` (0-based).
+
+    ``constant``: 1. ``linear``: (t + 1) / warmup until warmup, then 1. ``sigmoid`` (DANN):
+    2 / (1 + exp(-10 p)) - 1 with p = t / warmup (or t / total when warmup is 0), capped at 1.
+    """
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return 1.0 if warmup == 0 else min(1.0, (iteration + 1) / warmup)
+    if kind == "sigmoid":
+        p = min(1.0, iteration / (warmup or total))
+        return 2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0
+    raise SpecError(f"adversary.schedule: unknown schedule {kind!r}; expected 'constant', 'linear' or 'sigmoid'")
+
+
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+    """Cross-entropy over labelled rows (target >= 0); ``None`` when no row is labelled."""
+    mask = target >= 0
+    if not bool(mask.any()):
+        return None
+    return F.cross_entropy(logits[mask], target[mask])
+
+
+def _make_optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, foreach=True)
+    cls = torch.optim.Adam if spec.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay, foreach=True)
+
+
+def _l2(params: list[nn.Parameter]) -> torch.Tensor:
+    """Sum of squares of every weight matrix/kernel (ndim > 1), as TF's kernel regularisers."""
+    weights = [p for p in params if p.ndim > 1]
+    return torch.stack([w.pow(2).sum() for w in weights]).sum() if weights else torch.zeros(())
+
+
+def _snapshot_buffers(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of a module's buffers (BatchNorm running statistics), for :func:`_restore_buffers`."""
+    return [(b, b.detach().clone()) for b in module.buffers()]
+
+
+def _restore_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for b, v in saved:
+            b.copy_(v)
+
+
+@contextlib.contextmanager
+def _frozen_buffers(module: nn.Module) -> Iterator[None]:
+    """Run in train mode but restore BatchNorm running statistics afterwards (no-grad passes only)."""
+    saved = _snapshot_buffers(module)
+    try:
+        yield
+    finally:
+        _restore_buffers(saved)
+
+
+@contextlib.contextmanager
+def _no_grad_params(params: list[nn.Parameter]) -> Iterator[None]:
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"training.device: {name!r} was asked for but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+def build_objective(experiment: Experiment) -> Objective:
+    """Instantiate the spec's objective plugin; errors name it."""
+    comp = experiment.adversary.objective
+    factory = objectives.get(comp.name)
+    check_kwargs(factory, comp.args, f"adversary.objective {comp.name!r}")
+    objective = factory(**comp.args)
+    if not isinstance(objective, Objective):
+        raise ComponentError(f"objective {comp.name!r} built {type(objective).__name__}, not an mtdisent.Objective")
+    return objective
+
+
+class Trainer:
+    """State of one training run: model, optimisers, data streams, RNGs. :func:`train` drives it."""
+
+    def __init__(self, experiment: Experiment, data: DataSource, device: torch.device) -> None:
+        tr = experiment.training
+        self.experiment, self.device = experiment, device
+        if tr.train_split not in data:
+            raise DataError(f"training.train_split: the data has no split {tr.train_split!r} (it has {sorted(data)})")
+        train_set = data[tr.train_split]
+        shape: tuple[int, int, int] = experiment.input_shape or data.input_shape or _first_shape(train_set)  # type: ignore[assignment]
+        self.model = build_model(experiment, shape).to(device)
+        self.objective = build_objective(experiment)
+        self.train_batches = Batches(train_set, experiment, self.model.input_shape, tr.train_split)
+        self.val_batches = (
+            Batches(data[tr.val_split], experiment, self.model.input_shape, tr.val_split)
+            if tr.val_split in data
+            else None
+        )
+        self.stream = BatchStream(self.train_batches.n, tr.batch_size, experiment.seed)
+        self.flip_rng = torch.Generator().manual_seed(experiment.seed + 7919)
+        self.main_params = self.model.main_parameters()
+        self.adv_params = self.model.adversary_parameters()
+        self.main_opt = _make_optimizer(tr.optimizer, self.main_params)
+        self.adv_opt = _make_optimizer(tr.adversary_optimizer, self.adv_params) if self.adv_params else None
+        self.iteration = 0
+        self.best: dict[str, Any] | None = None
+        amp = tr.amp == "bf16" or (tr.amp == "auto" and device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        self.encode = self.model.encode
+        if tr.compile:
+            compiled = {t: torch.compile(self.model.encoders[t]) for t in self.model.task_names}
+            self.encode = lambda x: {t: compiled[t](x) for t in self.model.task_names}
+
+    # -- data ----------------------------------------------------------------------------------------
+    def next_batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The next training batch on the device, randomly flipped when ``training.hflip``."""
+        x, y = self.train_batches.get(self.stream.next())
+        if self.experiment.training.hflip:
+            flip = torch.rand(x.shape[0], generator=self.flip_rng) < 0.5  # (B,)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x.to(self.device, non_blocking=True), {k: v.to(self.device) for k, v in y.items()}
+
+    # -- steps ---------------------------------------------------------------------------------------
+    def _check_finite(self, terms: dict[str, torch.Tensor], step: str) -> None:
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        if not bool(torch.isfinite(values).all()):
+            bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+            names = ", ".join(repr(b) for b in bad)
+            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+            raise TrainingError(
+                f"iteration {self.iteration + 1}, {step} step: loss term{'s' if len(bad) > 1 else ''} {names} "
+                f"{'are' if len(bad) > 1 else 'is'} not finite ({shown}). Lower the learning rate or lambda; the last "
+                "good checkpoint is kept."
+            )
+
+    def main_step(self, lam: float) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One update of encoders and classifiers; returns metrics, detached features and labels."""
+        model, tr, single = self.model, self.experiment.training, self.objective.single_pass
+        model.train()
+        x, y = self.next_batch()
+        terms: dict[str, torch.Tensor] = {}
+        metrics: dict[str, float] = {"lambda": lam}
+        # restored after the update: the main step leaves the adversaries' statistics untouched
+        saved = None if single else _snapshot_buffers(model.adversaries)
+        with _no_grad_params([] if single else self.adv_params), self.autocast():
+            feats = self.encode(x)  # {task: (B, D)}
+            logits = model.classify(feats)  # {task: (B, K)}
+            for task in model.task_names:
+                ce = masked_cross_entropy(logits[task].float(), y[task])
+                if ce is not None:
+                    terms[f"task/{task}"] = self.experiment.task(task).loss_weight * ce
+                    mask = y[task] >= 0
+                    metrics[f"acc/{task}"] = float((logits[task][mask].argmax(-1) == y[task][mask]).float().mean())
+                    metrics[f"loss/{task}"] = float(ce.detach())
+            if lam > 0 or single:
+                for pair in model.pairs:
+                    mask = y[pair.target] >= 0
+                    if int(mask.sum()) < 2:  # BatchNorm in the adversary needs two samples
+                        continue
+                    adversary = model.adversaries[pair.key]
+                    terms[f"adv/{pair.key}"] = self.objective.encoder_term(
+                        adversary, feats[pair.source][mask].float(), y[pair.target][mask], lam * pair.weight
+                    )
+        if tr.l2 > 0:
+            terms["l2"] = tr.l2 * _l2(self.main_params + (self.adv_params if single else []))
+        self._check_finite(terms, "main")
+        self.main_opt.zero_grad(set_to_none=True)
+        if single and self.adv_opt is not None:
+            self.adv_opt.zero_grad(set_to_none=True)
+        loss = torch.stack(list(terms.values())).sum()
+        loss.backward()
+        self.main_opt.step()
+        if single and self.adv_opt is not None:
+            self.adv_opt.step()
+        if saved is not None:
+            _restore_buffers(saved)
+        metrics["loss/main"] = float(loss.detach())
+        return metrics, {t: f.detach() for t, f in feats.items()}, y
+
+    def adversary_step(
+        self, feats: dict[str, torch.Tensor] | None, y: dict[str, torch.Tensor] | None
+    ) -> dict[str, float]:
+        """One update of the adversaries on detached features (fresh ones when ``feats`` is None)."""
+        model, tr = self.model, self.experiment.training
+        assert self.adv_opt is not None
+        model.train()
+        if feats is None or y is None:
+            x, y = self.next_batch()
+            with torch.no_grad(), _frozen_buffers(model.encoders), self.autocast():
+                feats = self.encode(x)
+        terms: dict[str, torch.Tensor] = {}
+        metrics: dict[str, float] = {}
+        with self.autocast():
+            for pair in model.pairs:
+                mask = y[pair.target] >= 0
+                if int(mask.sum()) < 2:
+                    continue
+                logits = model.adversaries[pair.key](feats[pair.source][mask].float()).float()
+                terms[f"adv/{pair.key}"] = self.objective.adversary_loss(logits, y[pair.target][mask])
+                metrics[f"adv_acc/{pair.key}"] = float((logits.argmax(-1) == y[pair.target][mask]).float().mean())
+        if not terms:
+            return metrics
+        if tr.l2 > 0:
+            terms["l2"] = tr.l2 * _l2(self.adv_params)
+        self._check_finite(terms, "adversary")
+        self.adv_opt.zero_grad(set_to_none=True)
+        torch.stack(list(terms.values())).sum().backward()
+        self.adv_opt.step()
+        return metrics
+
+    def iterate(self) -> dict[str, float]:
+        """One iteration: a main step, then ``adversary.steps`` adversary steps."""
+        adv, tr = self.experiment.adversary, self.experiment.training
+        lam = adv.weight * lambda_schedule(adv.schedule, self.iteration, adv.warmup, tr.iterations)
+        t0 = time.perf_counter()
+        metrics, feats, y = self.main_step(lam)
+        t1 = time.perf_counter()
+        if self.adv_opt is not None:
+            for _ in range(adv.steps):
+                reuse = adv.features == "reuse"
+                metrics.update(self.adversary_step(feats if reuse else None, y if reuse else None))
+        self.iteration += 1
+        metrics.update({"iteration": self.iteration, "time/main": t1 - t0, "time/adversary": time.perf_counter() - t1})
+        return metrics
+
+    # -- validation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[str, float] | None:
+        """Per-task accuracy on the validation split (eval mode); ``score`` is their mean."""
+        if self.val_batches is None:
+            return None
+        model, vb = self.model, self.val_batches
+        correct = {t: 0 for t in model.task_names}
+        total = {t: 0 for t in model.task_names}
+        was = model.training
+        model.eval()
+        try:
+            for start in range(0, vb.n, 256):
+                x, y = vb.get(torch.arange(start, min(start + 256, vb.n)))
+                with self.autocast():
+                    logits = model.classify(self.encode(x.to(self.device)))
+                for t in model.task_names:
+                    yt = y[t].to(self.device)
+                    m = yt >= 0
+                    correct[t] += int((logits[t][m].argmax(-1) == yt[m]).sum())
+                    total[t] += int(m.sum())
+        finally:
+            model.train(was)
+        out = {f"val_acc/{t}": correct[t] / total[t] for t in model.task_names if total[t]}
+        out["val_score"] = sum(out.values()) / max(len(out), 1)
+        return out
+
+    # -- checkpoint state ----------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything needed to continue exactly: tensors and a JSON-able dict."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        state: dict[str, Any] = {
+            "iteration": self.iteration,
+            "experiment": json.loads(self.experiment.model_dump_json()),
+            "input_shape": list(self.model.input_shape),
+            "stream": self.stream.state_dict(),
+            "best": self.best,
+        }
+        for name, opt in (("main", self.main_opt), ("adversary", self.adv_opt)):
+            if opt is None:
+                continue
+            sd = opt.state_dict()
+            opt_state: dict[str, dict[str, Any]] = {}  # tensors replaced by "<tensor>" markers
+            for idx, slots in sd["state"].items():
+                opt_state[str(idx)] = {}
+                for slot, value in slots.items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"optim.{name}.{idx}.{slot}"] = value
+                        opt_state[str(idx)][slot] = "<tensor>"
+                    else:
+                        opt_state[str(idx)][slot] = value
+            state[f"optim_{name}"] = {"param_groups": sd["param_groups"], "state": opt_state}
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.flip"] = self.flip_rng.get_state()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        return tensors, state
+
+    def load_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], where: Path) -> None:
+        """Restore what :meth:`state` saved."""
+        model_sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(model_sd, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{str(where)!r} does not fit this experiment's model: {exc}") from exc
+        for name, opt in (("main", self.main_opt), ("adversary", self.adv_opt)):
+            if opt is None:
+                continue
+            saved = state[f"optim_{name}"]
+            opt_state = {
+                int(idx): {
+                    slot: (tensors[f"optim.{name}.{idx}.{slot}"] if value == "<tensor>" else value)
+                    for slot, value in slots.items()
+                }
+                for idx, slots in saved["state"].items()
+            }
+            opt.load_state_dict({"state": opt_state, "param_groups": saved["param_groups"]})
+        self.stream.load_state_dict(state["stream"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.flip_rng.set_state(tensors["rng.flip"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.iteration = int(state["iteration"])
+        self.best = state.get("best")
+
+
+def _first_shape(dataset: Any) -> tuple[int, int, int]:
+    try:
+        image = dataset[0][0]
+        return tuple(image.shape)
+    except Exception as exc:
+        raise DataError(f"cannot infer input_shape from the first training sample: {exc}") from exc
+
+
+def _specs_match(saved: dict[str, Any], experiment: Experiment) -> list[str]:
+    """Fields that differ between a checkpoint's experiment and ``experiment`` (training length may change)."""
+    current = json.loads(experiment.model_dump_json())
+    saved = dict(saved)
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if key == "training" and isinstance(a, dict) and isinstance(b, dict):
+            a, b = {k: v for k, v in a.items() if k != "iterations"}, {k: v for k, v in b.items() if k != "iterations"}
+        if a != b:
+            diffs.append(key)
+    return diffs
+
+
+def train(
+    experiment: Experiment,
+    data: Any = None,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    device: str | None = None,
+) -> Run:
+    """Train ``experiment``: per iteration one main step, then ``adversary.steps`` adversary steps.
+
+    Args:
+        experiment: The experiment.
+        data: A Dataset (used as the training split), a mapping of split name to Dataset, or a
+            :class:`~mtdisent.DataSource`; ``None`` builds the spec's ``data`` from the datasets registry.
+        out_dir: Run directory for spec.json, metrics.jsonl, checkpoints and the final model; ``None``
+            keeps everything in memory.
+        resume: Continue from the latest valid checkpoint in ``out_dir`` (exactly: on CPU the result is
+            bitwise equal to an uninterrupted run). Without it, an ``out_dir`` holding checkpoints is refused.
+        quiet: No progress bar (metrics are still written to metrics.jsonl).
+        device: Overrides ``training.device``.
+
+    Returns:
+        A :class:`Run` with the trained model.
+    """
+    if not isinstance(experiment, Experiment):
+        raise SpecError(f"train expects an Experiment, got {type(experiment).__name__}")
+    tr = experiment.training
+    source = resolve_data(experiment, data)
+    dev = _resolve_device(device or tr.device)
+    trainer = Trainer(experiment, source, dev)
+    run_dir = Path(out_dir) if out_dir is not None else None
+    history: list[dict[str, Any]] = []
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        latest = latest_checkpoint(run_dir)
+        if resume and latest is not None:
+            tensors, state = read_checkpoint(latest)
+            diffs = _specs_match(state["experiment"], experiment)
+            if diffs:
+                raise CheckpointError(
+                    f"cannot resume from {str(latest)!r}: the experiment differs in {', '.join(diffs)} "
+                    "(only training.iterations may change on resume)"
+                )
+            trainer.load_state(tensors, state, latest)
+        elif latest is not None and not resume:
+            raise CheckpointError(
+                f"{str(run_dir)!r} already holds checkpoints (latest {latest.name}); pass resume=True (--resume) "
+                "to continue, or choose another out_dir"
+            )
+        atomic_write_text(run_dir / "spec.json", experiment.model_dump_json(indent=1))
+    writer = _TensorBoard(run_dir) if (tr.tensorboard and run_dir is not None) else None
+    eval_every = tr.eval_every or tr.checkpoint_every
+
+    def checkpoint() -> None:
+        if run_dir is None:
+            return
+        tensors, state = trainer.state()
+        write_checkpoint(run_dir / "checkpoints" / f"iter-{trainer.iteration:08d}", tensors, state)
+        prune_checkpoints(run_dir, tr.keep_last)
+
+    with Progress(trainer.model, tr.iterations, start=trainer.iteration, quiet=quiet) as progress:
+        metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if run_dir is not None else None
+        try:
+            while trainer.iteration < tr.iterations:
+                metrics = trainer.iterate()
+                it = trainer.iteration
+                if it % eval_every == 0 or it == tr.iterations:
+                    val = trainer.validate()
+                    if val is not None:
+                        metrics.update(val)
+                        if trainer.best is None or val["val_score"] > trainer.best["val_score"]:
+                            trainer.best = {"iteration": it, **val}
+                            if run_dir is not None:
+                                tensors, state = trainer.state()
+                                write_checkpoint(run_dir / "checkpoints" / "best", tensors, state)
+                if it % tr.log_every == 0 or it == tr.iterations or "val_score" in metrics:
+                    history.append(metrics)
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(metrics) + "\n")
+                        metrics_file.flush()
+                    if writer is not None:
+                        writer.log(metrics, it)
+                progress.update(metrics)
+                if it % tr.checkpoint_every == 0 or it == tr.iterations:
+                    checkpoint()
+        finally:
+            if metrics_file is not None:
+                metrics_file.close()
+            if writer is not None:
+                writer.close()
+    if run_dir is not None:
+        export_model(run_dir, trainer.model, {"iteration": trainer.iteration, "best": trainer.best})
+    return Run(experiment, trainer.model, run_dir, trainer.iteration, history, trainer.best)
+
+
+class _TensorBoard:
+    """Optional TensorBoard logging; silently absent when tensorboard is not installed."""
+
+    def __init__(self, run_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "iteration":
+                    self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

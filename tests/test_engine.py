@@ -1,0 +1,300 @@
+import json
+import math
+import pickle
+
+import pytest
+import torch
+from conftest import ToyDataset, toy_experiment
+
+import mtdisent as md
+from mtdisent._data import resolve_data
+from mtdisent._engine._loop import Trainer, lambda_schedule, masked_cross_entropy
+
+
+def trainer_for(data_size=120, **overrides):
+    e = toy_experiment(**overrides)
+    data = {"train": ToyDataset(data_size), "val": ToyDataset(40, seed=1)}
+    return Trainer(e, resolve_data(e, data), torch.device("cpu"))
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+
+
+@pytest.mark.parametrize("objective", ["minmax", "confusion"])
+def test_main_step_leaves_adversaries_untouched(objective):
+    tr = trainer_for(adversary={"objective": objective})
+    adv, enc, cls = snapshot(tr.model.adversaries), snapshot(tr.model.encoders), snapshot(tr.model.classifiers)
+    tr.main_step(lam=0.5)
+    assert changed(adv, tr.model.adversaries) == set()  # weights and BatchNorm statistics
+    assert changed(enc, tr.model.encoders) and changed(cls, tr.model.classifiers)
+
+
+@pytest.mark.parametrize("features", ["fresh", "reuse"])
+def test_adversary_steps_leave_encoders_and_classifiers_untouched(features):
+    tr = trainer_for(adversary={"features": features})
+    _, feats, y = tr.main_step(lam=0.5)
+    enc, cls, adv = snapshot(tr.model.encoders), snapshot(tr.model.classifiers), snapshot(tr.model.adversaries)
+    for _ in range(3):
+        tr.adversary_step(feats if features == "reuse" else None, y if features == "reuse" else None)
+    assert changed(enc, tr.model.encoders) == set()  # fresh passes restore BatchNorm running statistics
+    assert changed(cls, tr.model.classifiers) == set()
+    assert changed(adv, tr.model.adversaries)
+
+
+def test_fresh_features_draw_new_batches_and_reuse_does_not():
+    fresh = trainer_for(adversary={"features": "fresh"})
+    reuse = trainer_for(adversary={"features": "reuse"})
+    fresh.iterate()
+    reuse.iterate()
+    assert fresh.stream.offset == 20 * 3 and reuse.stream.offset == 20  # 1 main + 2 adversary batches
+
+
+def test_gradient_reversal_updates_adversaries_in_the_main_step():
+    tr = trainer_for(adversary={"objective": "gradient_reversal", "steps": 0})
+    adv = snapshot(tr.model.adversaries)
+    tr.main_step(lam=0.5)
+    assert changed(adv, tr.model.adversaries)
+
+
+def _adversary_view(tr, x, y):
+    """Adversary a->b logits on a fixed batch (train-mode BatchNorm, statistics restored), and CE against b."""
+    saved = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    with torch.no_grad():
+        logits = tr.model.adversaries["a->b"](tr.model.encoders["a"](x))
+    tr.model.load_state_dict(saved)
+    return logits, torch.nn.functional.cross_entropy(logits, y)
+
+
+@pytest.mark.parametrize("objective", ["minmax", "confusion", "gradient_reversal"])
+def test_encoder_update_opposes_the_adversary(objective):
+    # Only the adversarial term acts on the encoder (task losses and L2 weighted 0, one pair): the sign of
+    # the encoder gradient decides whether the adversary's loss goes up (minmax, reversal) or its
+    # prediction moves toward uniform (confusion). A sign error fails this test.
+    tr = trainer_for(
+        adversary={"objective": objective, "steps": 0},
+        tasks=[md.Task(name="a", num_classes=2, loss_weight=0), md.Task(name="b", num_classes=3, loss_weight=0)],
+        pairs=[md.Pair(source="b", target="a", enabled=False)],
+        training={
+            "l2": 0.0,
+            "hflip": False,
+            "batch_size": 40,
+            "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.0},
+            "adversary_optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0},
+        },
+        data_size=40,
+    )
+    ds = tr.train_batches.dataset
+    x, y = ds.x[:40], ds.b[:40]
+    adv = tr.model.adversaries["a->b"]
+    for _ in range(50):  # teach the adversary first, so it is far from uniform
+        tr.adversary_step({"a": tr.model.encoders["a"](x).detach()}, {"a": ds.a[:40], "b": y})
+    if objective == "gradient_reversal":  # keep the adversary fixed to isolate the encoder's move
+        for p in adv.parameters():
+            p.requires_grad_(False)
+        tr.adv_params = []
+    before_logits, before_ce = _adversary_view(tr, x, y)
+    for _ in range(5):
+        tr.main_step(lam=1.0)
+    after_logits, after_ce = _adversary_view(tr, x, y)
+    if objective == "confusion":
+        uniform = torch.full_like(before_logits, 1 / 3)
+        kl = lambda logits: torch.nn.functional.kl_div(logits.log_softmax(-1), uniform, reduction="batchmean")  # noqa: E731
+        assert kl(after_logits) < kl(before_logits)
+    else:
+        assert after_ce > before_ce
+
+
+def test_masked_labels_contribute_no_gradient():
+    logits = torch.randn(4, 3, requires_grad=True)
+    target = torch.tensor([0, -1, 2, -1])
+    masked_cross_entropy(logits, target).backward()
+    assert torch.equal(logits.grad[[1, 3]], torch.zeros(2, 3)) and logits.grad[[0, 2]].abs().sum() > 0
+    assert masked_cross_entropy(logits, torch.full((4,), -1)) is None
+
+
+def test_unlabelled_task_gives_its_classifier_and_adversaries_no_gradient():
+    tr = trainer_for(adversary={"steps": 0}, training={"l2": 0.0})  # L2 alone would touch every weight
+    ds = tr.train_batches.dataset
+    ds.drop_b[:] = True  # nobody labelled for task b
+    tr.model.zero_grad(set_to_none=True)
+    metrics, _, _ = tr.main_step(lam=1.0)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in tr.model.classifiers["b"].parameters())
+    assert "acc/b" not in metrics and "acc/a" in metrics
+    adv_ab = list(tr.model.adversaries["a->b"].parameters())
+    assert all(p.grad is None for p in adv_ab)
+
+
+def test_partial_labels_train_end_to_end():
+    e = toy_experiment(training={"iterations": 40})
+    run = md.train(e, data={"train": ToyDataset(unlabelled_b=0.5)}, quiet=True)
+    last = run.history[-1]
+    assert last["acc/a"] > 0.9 and "adv_acc/a->b" in last
+
+
+def test_lambda_schedules():
+    assert lambda_schedule("constant", 0, 10, 100) == 1.0
+    assert lambda_schedule("linear", 0, 10, 100) == pytest.approx(0.1)
+    assert lambda_schedule("linear", 50, 10, 100) == 1.0
+    assert lambda_schedule("sigmoid", 0, 0, 100) == 0.0
+    assert lambda_schedule("sigmoid", 50, 0, 100) == pytest.approx(2 / (1 + math.exp(-5)) - 1)
+    tr = trainer_for(adversary={"schedule": "linear", "warmup": 4})
+    assert [tr.iterate()["lambda"] for _ in range(5)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("features", ["fresh", "reuse"])
+def test_exact_resume_is_bitwise(tmp_path, features):
+    e = toy_experiment(adversary={"features": features}, training={"iterations": 6, "checkpoint_every": 3})
+    data = {"train": ToyDataset(), "val": ToyDataset(40, seed=1)}
+    full = md.train(e, data=data, out_dir=tmp_path / "full", quiet=True)
+    short = e.model_copy(update={"training": e.training.model_copy(update={"iterations": 3})})
+    md.train(short, data=data, out_dir=tmp_path / "part", quiet=True)
+    resumed = md.train(e, data=data, out_dir=tmp_path / "part", resume=True, quiet=True)
+    assert resumed.iteration == 6
+    a, b = _state(full.model), _state(resumed.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_refuses_to_overwrite_and_resume_checks_the_spec(tmp_path):
+    e = toy_experiment()
+    md.train(e, data=ToyDataset(), out_dir=tmp_path, quiet=True)
+    with pytest.raises(md.CheckpointError, match="resume=True"):
+        md.train(e, data=ToyDataset(), out_dir=tmp_path, quiet=True)
+    other = e.model_copy(update={"seed": 5})
+    with pytest.raises(md.CheckpointError, match="differs in seed"):
+        md.train(other, data=ToyDataset(), out_dir=tmp_path, resume=True, quiet=True)
+
+
+def test_load_gives_the_trained_model(tmp_path):
+    run = md.train(
+        toy_experiment(), data={"train": ToyDataset(), "val": ToyDataset(40, seed=1)}, out_dir=tmp_path, quiet=True
+    )
+    model = md.load(tmp_path)
+    assert not model.training
+    x = ToyDataset(8, seed=3).x
+    run.model.eval()
+    for t in ("a", "b"):
+        assert torch.equal(model.predict(x)[t], run.model.predict(x)[t])
+    assert isinstance(md.load(tmp_path, which="best"), md.MultiTaskModel)
+    assert isinstance(md.load(tmp_path, which="latest"), md.MultiTaskModel)
+    assert json.loads((tmp_path / "spec.json").read_text())["tasks"][0]["name"] == "a"
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) >= 6 and "acc/a" in json.loads(lines[0])
+
+
+def test_corrupt_or_truncated_checkpoints_are_refused_by_name(tmp_path):
+    md.train(toy_experiment(), data=ToyDataset(), out_dir=tmp_path, quiet=True)
+    ckpt = tmp_path / "checkpoints" / "iter-00000006"
+    tensor_file = ckpt / "tensors.safetensors"
+    data = tensor_file.read_bytes()
+    tensor_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(md.CheckpointError, match="iter-00000006.*tensors.safetensors"):
+        md.load(ckpt)
+    (ckpt / "state.json").write_text("{trunc")
+    with pytest.raises(md.CheckpointError, match="state.json"):
+        md.load(ckpt)
+    # resume skips the broken newest checkpoint and continues from the previous valid one
+    run = md.train(
+        toy_experiment(training={"iterations": 8}), data=ToyDataset(), out_dir=tmp_path, resume=True, quiet=True
+    )
+    assert run.iteration == 8
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(md.CheckpointError, match="model.safetensors"):
+        md.load(tmp_path)
+
+
+def test_a_pickle_payload_is_never_executed(tmp_path):
+    md.train(toy_experiment(), data=ToyDataset(), out_dir=tmp_path, quiet=True)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "model.safetensors").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(md.CheckpointError):
+        md.load(tmp_path)
+    ckpt = tmp_path / "checkpoints" / "iter-00000006"
+    (ckpt / "tensors.safetensors").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(md.CheckpointError):
+        md.load(ckpt)
+    assert not marker.exists()
+
+
+def test_non_finite_loss_stops_naming_iteration_and_term(tmp_path):
+    class NanLater(md.Objective):
+        calls = 0
+
+        def encoder_term(self, adversary, features, target, weight):
+            NanLater.calls += 1
+            term = -weight * torch.nn.functional.cross_entropy(adversary(features), target)
+            return term * float("nan") if NanLater.calls > 6 else term  # 2 pairs: iteration 4 turns NaN
+
+    md.register("objective", "test_nan_later", NanLater)
+    try:
+        e = toy_experiment(adversary={"objective": "test_nan_later"}, training={"iterations": 6, "checkpoint_every": 2})
+        with pytest.raises(md.TrainingError, match=r"iteration 4, main step: loss terms? 'adv/a->b'.* not finite"):
+            md.train(e, data=ToyDataset(), out_dir=tmp_path, quiet=True)
+    finally:
+        md.objectives.unregister("test_nan_later")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["iter-00000002"]  # the last good one stays
+    assert isinstance(md.load(tmp_path, which="latest"), md.MultiTaskModel)
+
+
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda ds: ds.b.__setitem__(5, 7), r"sample 5, task 'b': label 7 is out of range; expected 0..2"),
+        (lambda ds: ds.x.__setitem__(3, float("nan")), r"sample 3: image contains NaN"),
+    ],
+)
+def test_bad_samples_are_named(mutate, fragment):
+    ds = ToyDataset(20)
+    mutate(ds)
+    with pytest.raises(md.DataError, match=fragment):
+        md.train(toy_experiment(training={"iterations": 3, "batch_size": 20}), data=ds, quiet=True)
+
+
+def test_wrong_shape_empty_and_missing_split():
+    class Wrong(ToyDataset):
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return x[:, :8], y
+
+    with pytest.raises(md.DataError, match=r"sample \d+: image has shape \(1, 8, 16\), expected \(1, 16, 16\)"):
+        md.train(toy_experiment(), data=Wrong(20), quiet=True)
+    with pytest.raises(md.DataError, match="split 'train' is empty"):
+        md.train(toy_experiment(), data=ToyDataset(0), quiet=True)
+    with pytest.raises(md.DataError, match="no split 'train'"):
+        md.train(toy_experiment(), data={"training": ToyDataset()}, quiet=True)
+    with pytest.raises(md.DataError, match="no data"):
+        md.train(toy_experiment(), quiet=True)
+
+
+def test_fast_tensor_datasets_are_validated_too():
+    ds = ToyDataset(20)
+    ds.images, ds.labels = ds.x, {"a": ds.a.clone(), "b": ds.b.clone()}
+    ds.labels["a"][4] = 2
+    with pytest.raises(md.DataError, match=r"sample 4, task 'a': label 2 is out of range"):
+        md.train(toy_experiment(), data=ds, quiet=True)
+
+
+def test_paper_preset_hyperparameters_reach_the_optimisers():
+    e = md.preset("paper_synthetic", scale=0.25)
+    e = e.model_copy(
+        update={"backbone": md.Component(name="dltk_residual", args={"filters": [2, 2], "strides": [1, 8]})}
+    )
+    tr = Trainer(e, resolve_data(e, {"train": ToyDataset(4, size=16)}), torch.device("cpu"))
+    assert isinstance(tr.main_opt, torch.optim.Adam) and tr.main_opt.defaults["betas"] == (0.0, 0.9)
+    assert tr.main_opt.defaults["lr"] == 1e-5 and tr.main_opt.defaults["eps"] == 1e-5
+    assert isinstance(tr.adv_opt, torch.optim.SGD) and tr.adv_opt.defaults["momentum"] == 0.9
