@@ -7,7 +7,7 @@ and datasets are plugins found through entry points (see :func:`list_plugins`).
 from __future__ import annotations
 
 from ._data import DataError, DataSource
-from ._engine import CheckpointError, Run, TrainingError, load, train
+from ._engine import CheckpointError, Run, TrainingError, TrainingInterrupted, load, train
 from ._errors import (
     ComponentError,
     DuplicateComponentError,
@@ -78,6 +78,7 @@ __all__ = [
     "ComponentError",
     "DataError",
     "TrainingError",
+    "TrainingInterrupted",
     "CheckpointError",
     "UnknownComponentError",
     "DuplicateComponentError",

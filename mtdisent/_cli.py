@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ._engine import TrainingInterrupted
 from ._errors import MtdisentError, SpecError
 from ._registry import list_plugins
 from ._spec import Experiment, load_spec, load_spec_file
@@ -162,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     try:
         return int(args.func(args, console))
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signal
     except MtdisentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,11 +49,50 @@ from ._checkpoint import (
 from ._progress import Progress
 from ._stream import Batches, BatchStream
 
-__all__ = ["train", "Run", "TrainingError", "lambda_schedule", "masked_cross_entropy", "Trainer"]
+__all__ = ["train", "Run", "TrainingError", "TrainingInterrupted", "lambda_schedule", "masked_cross_entropy", "Trainer"]
 
 
 class TrainingError(MtdisentError):
     """Training cannot go on (a non-finite loss, for example); the last good checkpoint stays."""
+
+
+class TrainingInterrupted(MtdisentError):
+    """Training stopped on SIGINT or SIGTERM after writing a checkpoint; ``resume=True`` continues it.
+
+    Attributes:
+        signal: The signal number received.
+        iteration: The last completed iteration.
+        checkpoint: The checkpoint written, or ``None`` for an in-memory run.
+    """
+
+    def __init__(self, message: str, signal: int, iteration: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.signal, self.iteration, self.checkpoint = signal, iteration, checkpoint
+
+
+class _GracefulStop:
+    """Turns the first SIGINT/SIGTERM into a flag checked between iterations; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # second signal: give up waiting for the iteration to end
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> _GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 @dataclass
@@ -472,14 +513,18 @@ def train(
     writer = _TensorBoard(run_dir) if (tr.tensorboard and run_dir is not None) else None
     eval_every = tr.eval_every or tr.checkpoint_every
 
-    def checkpoint() -> None:
+    def checkpoint() -> Path | None:
         if run_dir is None:
-            return
+            return None
         tensors, state = trainer.state()
-        write_checkpoint(run_dir / "checkpoints" / f"iter-{trainer.iteration:08d}", tensors, state)
+        path = write_checkpoint(run_dir / "checkpoints" / f"iter-{trainer.iteration:08d}", tensors, state)
         prune_checkpoints(run_dir, tr.keep_last)
+        return path
 
-    with Progress(trainer.model, tr.iterations, start=trainer.iteration, quiet=quiet) as progress:
+    with (
+        _GracefulStop() as stop,
+        Progress(trainer.model, tr.iterations, start=trainer.iteration, quiet=quiet) as progress,
+    ):
         metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if run_dir is not None else None
         try:
             while trainer.iteration < tr.iterations:
@@ -504,6 +549,17 @@ def train(
                 progress.update(metrics)
                 if it % tr.checkpoint_every == 0 or it == tr.iterations:
                     checkpoint()
+                elif stop.received is not None:
+                    checkpoint()
+                if stop.received is not None:
+                    name = signal.Signals(stop.received).name
+                    where = f"; checkpoint {str(run_dir / 'checkpoints' / f'iter-{it:08d}')!r}" if run_dir else ""
+                    raise TrainingInterrupted(
+                        f"stopped by {name} after iteration {it}{where}; train again with resume=True to continue",
+                        stop.received,
+                        it,
+                        run_dir / "checkpoints" / f"iter-{it:08d}" if run_dir else None,
+                    )
         finally:
             if metrics_file is not None:
                 metrics_file.close()
