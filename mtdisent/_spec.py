@@ -325,6 +325,7 @@ class TrainingSpec(SpecModel):
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         amp: Mixed precision: ``"auto"`` (bf16 autocast on CUDA, off on CPU), ``"bf16"`` or ``"off"``.
         compile: Run the encoders through ``torch.compile``.
+        sync_batchnorm: Under torchrun on CUDA, BatchNorm statistics over the global batch (SyncBatchNorm).
         checkpoint_every: Write a checkpoint every this many iterations (and at the end).
         keep_last: Checkpoints kept besides the best one.
         eval_every: Evaluate on the validation split every this many iterations (0: at each checkpoint).
@@ -343,6 +344,7 @@ class TrainingSpec(SpecModel):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     amp: Literal["auto", "bf16", "off"] = "auto"
     compile: bool = False
+    sync_batchnorm: bool = False
     checkpoint_every: int = Field(default=500, ge=1)
     keep_last: int = Field(default=2, ge=1)
     eval_every: int = Field(default=0, ge=0)

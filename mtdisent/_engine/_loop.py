@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 from torch import nn
 
@@ -46,6 +47,7 @@ from ._checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from ._distributed import DistInfo, all_true, any_true, min_counts, setup, teardown
 from ._progress import Progress
 from ._stream import Batches, BatchStream
 
@@ -206,17 +208,46 @@ def build_objective(experiment: Experiment) -> Objective:
     return objective
 
 
+class _MainNet(nn.Module):
+    """Encoders + classifiers as one module (what DDP wraps for the main step)."""
+
+    def __init__(self, model: MultiTaskModel, encode: Any) -> None:
+        super().__init__()
+        self.encoders, self.classifiers = model.encoders, model.classifiers
+        self._encode, self._classify = encode, model.classify
+
+    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        feats = self._encode(x)  # {task: (B, D)}
+        return feats, self._classify(feats)
+
+
 class Trainer:
     """State of one training run: model, optimisers, data streams, RNGs. :func:`train` drives it."""
 
-    def __init__(self, experiment: Experiment, data: DataSource, device: torch.device) -> None:
+    def __init__(
+        self, experiment: Experiment, data: DataSource, device: torch.device, dist_info: DistInfo | None = None
+    ) -> None:
         tr = experiment.training
         self.experiment, self.device = experiment, device
+        self.dist = dist_info or DistInfo()
+        if tr.batch_size % self.dist.world:
+            raise SpecError(
+                f"training.batch_size: {tr.batch_size} is not divisible by the {self.dist.world} processes; "
+                "each process trains on an equal slice of every global batch"
+            )
         if tr.train_split not in data:
             raise DataError(f"training.train_split: the data has no split {tr.train_split!r} (it has {sorted(data)})")
         train_set = data[tr.train_split]
         shape: tuple[int, int, int] = experiment.input_shape or data.input_shape or _first_shape(train_set)  # type: ignore[assignment]
-        self.model = build_model(experiment, shape).to(device)
+        self.model = build_model(experiment, shape)
+        if tr.sync_batchnorm and self.dist.enabled:
+            if device.type != "cuda":
+                raise SpecError(
+                    "training.sync_batchnorm: PyTorch's SyncBatchNorm needs CUDA devices; on the CPU each process's "
+                    "BatchNorm uses its own slice of the batch (set sync_batchnorm=false)"
+                )
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model.to(device)
         self.objective = build_objective(experiment)
         self.train_batches = Batches(train_set, experiment, self.model.input_shape, tr.train_split)
         self.val_batches = (
@@ -234,24 +265,49 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         amp = tr.amp == "bf16" or (tr.amp == "auto" and device.type == "cuda")
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-        self.encode = self.model.encode
+        encoders: dict[str, Any] = dict(self.model.encoders.items())
         if tr.compile:
-            compiled = {t: torch.compile(self.model.encoders[t]) for t in self.model.task_names}
-            self.encode = lambda x: {t: compiled[t](x) for t in self.model.task_names}
+            encoders = {t: torch.compile(m) for t, m in encoders.items()}
+        self.encode = lambda x: {t: encoders[t](x) for t in self.model.task_names}  # {task: (B, D)}
+        # What the main step calls: encoders + classifiers, one DDP wrapper when distributed. Adversaries get
+        # their own wrappers, used only where their gradients must be synchronised (adversary steps, and the
+        # main step of single-pass objectives); elsewhere the plain modules run, with no gradient sync.
+        self.main_net: nn.Module = _MainNet(self.model, self.encode)
+        self.adv_nets: dict[str, nn.Module] = dict(self.model.adversaries.items())
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [device] if device.type == "cuda" else None
+            self.main_net = DDP(self.main_net, device_ids=ids)
+            self.adv_nets = {k: DDP(m, device_ids=ids) for k, m in self.adv_nets.items()}
 
     # -- data ----------------------------------------------------------------------------------------
     def next_batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The next training batch on the device, randomly flipped when ``training.hflip``."""
-        x, y = self.train_batches.get(self.stream.next())
+        indices = self.stream.next()  # the global batch, identical on every rank
+        flip = torch.rand(len(indices), generator=self.flip_rng) < 0.5  # (B,)
+        rank, world = self.dist.rank, self.dist.world
+        x, y = self.train_batches.get(indices[rank::world])  # this rank's slice (B / world)
         if self.experiment.training.hflip:
-            flip = torch.rand(x.shape[0], generator=self.flip_rng) < 0.5  # (B,)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = torch.where(flip[rank::world, None, None, None], x.flip(-1), x)
         return x.to(self.device, non_blocking=True), {k: v.to(self.device) for k, v in y.items()}
+
+    def _usable_pairs(self, y: dict[str, torch.Tensor]) -> list[Any]:
+        """Pairs with at least two labelled targets on every rank (adversary BatchNorm needs two samples)."""
+        pairs = self.model.pairs
+        counts = min_counts([int((y[p.target] >= 0).sum()) for p in pairs], self.dist, self.device)
+        return [p for p, c in zip(pairs, counts, strict=True) if c >= 2]
 
     # -- steps ---------------------------------------------------------------------------------------
     def _check_finite(self, terms: dict[str, torch.Tensor], step: str) -> None:
         values = torch.stack([v.detach().float() for v in terms.values()])
-        if not bool(torch.isfinite(values).all()):
+        finite = bool(torch.isfinite(values).all())
+        if not all_true(finite, self.dist, self.device):
+            if finite:
+                raise TrainingError(
+                    f"iteration {self.iteration + 1}, {step} step: a loss term is not finite on another process; "
+                    "the last good checkpoint is kept."
+                )
             bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
             names = ", ".join(repr(b) for b in bad)
             shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
@@ -271,21 +327,20 @@ class Trainer:
         # restored after the update: the main step leaves the adversaries' statistics untouched
         saved = None if single else _snapshot_buffers(model.adversaries)
         with _no_grad_params([] if single else self.adv_params), self.autocast():
-            feats = self.encode(x)  # {task: (B, D)}
-            logits = model.classify(feats)  # {task: (B, K)}
+            feats, logits = self.main_net(x)  # {task: (B, D)}, {task: (B, K)}
             for task in model.task_names:
                 ce = masked_cross_entropy(logits[task].float(), y[task])
-                if ce is not None:
+                if ce is None:  # nobody labelled: a zero term keeps every parameter in the graph (DDP needs it)
+                    terms[f"task/{task}"] = logits[task].float().sum() * 0.0
+                else:
                     terms[f"task/{task}"] = self.experiment.task(task).loss_weight * ce
                     mask = y[task] >= 0
                     metrics[f"acc/{task}"] = float((logits[task][mask].argmax(-1) == y[task][mask]).float().mean())
                     metrics[f"loss/{task}"] = float(ce.detach())
             if lam > 0 or single:
-                for pair in model.pairs:
+                for pair in self._usable_pairs(y):
                     mask = y[pair.target] >= 0
-                    if int(mask.sum()) < 2:  # BatchNorm in the adversary needs two samples
-                        continue
-                    adversary = model.adversaries[pair.key]
+                    adversary = self.adv_nets[pair.key] if single else model.adversaries[pair.key]
                     terms[f"adv/{pair.key}"] = self.objective.encoder_term(
                         adversary, feats[pair.source][mask].float(), y[pair.target][mask], lam * pair.weight
                     )
@@ -319,11 +374,9 @@ class Trainer:
         terms: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {}
         with self.autocast():
-            for pair in model.pairs:
+            for pair in self._usable_pairs(y):
                 mask = y[pair.target] >= 0
-                if int(mask.sum()) < 2:
-                    continue
-                logits = model.adversaries[pair.key](feats[pair.source][mask].float()).float()
+                logits = self.adv_nets[pair.key](feats[pair.source][mask].float()).float()
                 terms[f"adv/{pair.key}"] = self.objective.adversary_loss(logits, y[pair.target][mask])
                 metrics[f"adv_acc/{pair.key}"] = float((logits.argmax(-1) == y[pair.target][mask]).float().mean())
         if not terms:
@@ -488,13 +541,34 @@ def train(
         raise SpecError(f"train expects an Experiment, got {type(experiment).__name__}")
     tr = experiment.training
     source = resolve_data(experiment, data)
-    dev = _resolve_device(device or tr.device)
-    trainer = Trainer(experiment, source, dev)
+    info, rank_device = setup(device or tr.device)
+    try:
+        return _train(
+            experiment, source, out_dir, resume, quiet, rank_device or _resolve_device(device or tr.device), info
+        )
+    finally:
+        teardown(info)
+
+
+def _train(
+    experiment: Experiment,
+    source: DataSource,
+    out_dir: str | Path | None,
+    resume: bool,
+    quiet: bool,
+    dev: torch.device,
+    info: DistInfo,
+) -> Run:
+    tr = experiment.training
+    trainer = Trainer(experiment, source, dev, info)
     run_dir = Path(out_dir) if out_dir is not None else None
+    main = info.is_main  # only rank 0 writes files and shows progress
     history: list[dict[str, Any]] = []
     if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        latest = latest_checkpoint(run_dir)
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        _barrier(info)
+        latest = latest_checkpoint(run_dir)  # every rank reads the same checkpoint
         if resume and latest is not None:
             tensors, state = read_checkpoint(latest)
             diffs = _specs_match(state["experiment"], experiment)
@@ -509,23 +583,25 @@ def train(
                 f"{str(run_dir)!r} already holds checkpoints (latest {latest.name}); pass resume=True (--resume) "
                 "to continue, or choose another out_dir"
             )
-        atomic_write_text(run_dir / "spec.json", experiment.model_dump_json(indent=1))
-    writer = _TensorBoard(run_dir) if (tr.tensorboard and run_dir is not None) else None
+        _barrier(info)  # nobody writes before every rank has read
+        if main:
+            atomic_write_text(run_dir / "spec.json", experiment.model_dump_json(indent=1))
+    files = run_dir if (run_dir is not None and main) else None
+    writer = _TensorBoard(files) if (tr.tensorboard and files is not None) else None
     eval_every = tr.eval_every or tr.checkpoint_every
 
-    def checkpoint() -> Path | None:
-        if run_dir is None:
-            return None
+    def checkpoint() -> None:
+        if files is None:
+            return
         tensors, state = trainer.state()
-        path = write_checkpoint(run_dir / "checkpoints" / f"iter-{trainer.iteration:08d}", tensors, state)
-        prune_checkpoints(run_dir, tr.keep_last)
-        return path
+        write_checkpoint(files / "checkpoints" / f"iter-{trainer.iteration:08d}", tensors, state)
+        prune_checkpoints(files, tr.keep_last)
 
     with (
         _GracefulStop() as stop,
-        Progress(trainer.model, tr.iterations, start=trainer.iteration, quiet=quiet) as progress,
+        Progress(trainer.model, tr.iterations, start=trainer.iteration, quiet=quiet or not main) as progress,
     ):
-        metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if run_dir is not None else None
+        metrics_file = open(files / "metrics.jsonl", "a", encoding="utf-8") if files is not None else None
         try:
             while trainer.iteration < tr.iterations:
                 metrics = trainer.iterate()
@@ -536,9 +612,9 @@ def train(
                         metrics.update(val)
                         if trainer.best is None or val["val_score"] > trainer.best["val_score"]:
                             trainer.best = {"iteration": it, **val}
-                            if run_dir is not None:
+                            if files is not None:
                                 tensors, state = trainer.state()
-                                write_checkpoint(run_dir / "checkpoints" / "best", tensors, state)
+                                write_checkpoint(files / "checkpoints" / "best", tensors, state)
                 if it % tr.log_every == 0 or it == tr.iterations or "val_score" in metrics:
                     history.append(metrics)
                     if metrics_file is not None:
@@ -547,27 +623,37 @@ def train(
                     if writer is not None:
                         writer.log(metrics, it)
                 progress.update(metrics)
-                if it % tr.checkpoint_every == 0 or it == tr.iterations:
+                stopping = any_true(stop.received is not None, info, dev)  # every rank stops at the same iteration
+                if it % tr.checkpoint_every == 0 or it == tr.iterations or stopping:
                     checkpoint()
-                elif stop.received is not None:
-                    checkpoint()
-                if stop.received is not None:
-                    name = signal.Signals(stop.received).name
-                    where = f"; checkpoint {str(run_dir / 'checkpoints' / f'iter-{it:08d}')!r}" if run_dir else ""
+                if stopping:
+                    signum = stop.received or signal.SIGTERM
+                    name = signal.Signals(signum).name
+                    path = run_dir / "checkpoints" / f"iter-{it:08d}" if run_dir is not None else None
+                    where = f"; checkpoint {str(path)!r}" if path is not None else ""
                     raise TrainingInterrupted(
                         f"stopped by {name} after iteration {it}{where}; train again with resume=True to continue",
-                        stop.received,
+                        int(signum),
                         it,
-                        run_dir / "checkpoints" / f"iter-{it:08d}" if run_dir else None,
+                        path,
                     )
         finally:
             if metrics_file is not None:
                 metrics_file.close()
             if writer is not None:
                 writer.close()
-    if run_dir is not None:
-        export_model(run_dir, trainer.model, {"iteration": trainer.iteration, "best": trainer.best})
+    if info.enabled:  # DDP broadcasts buffers before each forward; align the statistics of the last one too
+        for buffer in trainer.model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+    if files is not None:
+        export_model(files, trainer.model, {"iteration": trainer.iteration, "best": trainer.best})
+    _barrier(info)
     return Run(experiment, trainer.model, run_dir, trainer.iteration, history, trainer.best)
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.enabled:
+        torch.distributed.barrier()
 
 
 class _TensorBoard:
