@@ -27,6 +27,7 @@ from ._spec import (
     AdversaryPair,
     AdversarySpec,
     Component,
+    ExecutionSpec,
     Experiment,
     HeadSpec,
     OptimizerSpec,
@@ -49,6 +50,7 @@ __all__ = [
     "AdversaryPair",
     "OptimizerSpec",
     "TrainingSpec",
+    "ExecutionSpec",
     "load_spec",
     "preset",
     # data

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ._errors import ComponentError, MtdisentError, SpecError, did_you_mean
-from ._heads import MLPHead
+from ._heads import HeadGroup, MLPHead
 from ._registry import backbones
 from ._spec import AdversaryPair, Component, Experiment
 
@@ -87,7 +88,9 @@ class MultiTaskModel(nn.Module):
     """Per-task encoders and classifiers plus one adversary per enabled ordered pair.
 
     Modules are reachable by name: ``model.encoders["plane"]``, ``model.classifiers["plane"]``,
-    ``model.adversaries["plane->shadow"]`` (or ``model.adversary("plane", "shadow")``).
+    ``model.adversaries["plane->shadow"]`` (or ``model.adversary("plane", "shadow")``). With stacked heads
+    (``experiment.execution.heads``) classifiers and adversaries are views into stacked weights; the
+    ``state_dict`` has the same keys either way.
 
     Args:
         experiment: The validated experiment.
@@ -107,10 +110,9 @@ class MultiTaskModel(nn.Module):
         self.task_names: list[str] = experiment.task_names
         self.pairs: list[AdversaryPair] = experiment.adversary_pairs()
         self.encoders = nn.ModuleDict()
-        self.classifiers = nn.ModuleDict()
-        self.adversaries = nn.ModuleDict()
         self.feature_sizes: dict[str, int] = {}
         sizes: dict[str, int] = {}  # D per backbone spec, one dry forward per distinct spec
+        classifiers: dict[str, MLPHead] = {}
         for task in experiment.tasks:
             comp = experiment.backbone_for(task.name)
             label = f"backbone {comp.name!r} of task {task.name!r}"
@@ -120,20 +122,23 @@ class MultiTaskModel(nn.Module):
                 sizes[key] = _feature_size(encoder, self.input_shape, label)
             self.encoders[task.name] = encoder
             self.feature_sizes[task.name] = sizes[key]
-            self.classifiers[task.name] = MLPHead(sizes[key], task.n_classes, experiment.head_for(task.name))
-        for pair in self.pairs:
-            target = experiment.task(pair.target)
-            self.adversaries[pair.key] = MLPHead(
-                self.feature_sizes[pair.source], target.n_classes, experiment.adversary.head
-            )
+            classifiers[task.name] = MLPHead(sizes[key], task.n_classes, experiment.head_for(task.name))
+        adversaries = {
+            p.key: MLPHead(self.feature_sizes[p.source], experiment.task(p.target).n_classes, experiment.adversary.head)
+            for p in self.pairs
+        }
+        stacked = experiment.execution.heads in {"auto", "stacked"}
+        self.classifiers = HeadGroup(classifiers, {t: experiment.head_for(t) for t in classifiers}, stacked)
+        self.adversaries = HeadGroup(adversaries, dict.fromkeys(adversaries, experiment.adversary.head), stacked)
+        self.pair_classes = [experiment.task(p.target).n_classes for p in self.pairs]
 
     # -- access --------------------------------------------------------------------------------------
-    def adversary(self, source: str, target: str) -> MLPHead:
+    def adversary(self, source: str, target: str) -> nn.Module:
         """The adversary predicting ``target`` from ``source``'s features."""
         key = f"{source}->{target}"
         if key not in self.adversaries:
             raise ComponentError(f"no adversary {key!r}. {did_you_mean(key, list(self.adversaries.keys()))}")
-        return self.adversaries[key]  # type: ignore[return-value]
+        return self.adversaries[key]
 
     def main_parameters(self) -> list[nn.Parameter]:
         """Parameters of the encoders and classifiers (what the main step optimises)."""
@@ -142,6 +147,13 @@ class MultiTaskModel(nn.Module):
     def adversary_parameters(self) -> list[nn.Parameter]:
         """Parameters of the adversaries."""
         return list(self.adversaries.parameters())
+
+    def l2_parameters(self, part: str) -> list[nn.Parameter]:
+        """Weight matrices and kernels (no biases, no BatchNorm) of ``"main"`` or ``"adversary"``: what L2 acts on."""
+        if part == "adversary":
+            return self.adversaries.weight_matrices()
+        kernels = [p for p in self.encoders.parameters() if p.ndim > 1]
+        return [*kernels, *self.classifiers.weight_matrices()]
 
     # -- computation ---------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
@@ -157,16 +169,31 @@ class MultiTaskModel(nn.Module):
 
     def classify(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{task: (B, D)}`` -> ``{task: (B, classes)}`` logits."""
-        return {name: self.classifiers[name](features[name]) for name in self.task_names}
+        return self.classifiers.run(features)
 
-    def adversary_logits(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{task: (B, D)}`` -> ``{"source->target": (B, classes_target)}``."""
-        return {p.key: self.adversaries[p.key](features[p.source]) for p in self.pairs}
+    def adversary_logits(
+        self,
+        features: dict[str, torch.Tensor],
+        transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """All adversaries at once: ``{task: (B, D)}`` -> (P, B, K_max) logits in ``self.pairs`` order.
+
+        Pair p's logits past its target's classes are ``-inf``. ``transform(x, w)`` (an objective's
+        ``adversary_input``) is applied to the (P, B, D) stacked inputs with ``weights`` (P,) reshaped to
+        (P, 1, 1) first.
+        """
+        inputs = [features[p.source] for p in self.pairs]  # P x (B, D)
+        return self.adversaries.run_padded(inputs, transform, weights)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         """(B, C, H, W) -> features, classifier logits and adversary logits."""
         features = self.encode(x)
-        return ModelOutput(features, self.classify(features), self.adversary_logits(features))
+        adv: dict[str, torch.Tensor] = {}
+        if self.pairs:
+            padded = self.adversary_logits(features)  # (P, B, K_max)
+            adv = {p.key: padded[i, :, :k] for i, (p, k) in enumerate(zip(self.pairs, self.pair_classes, strict=True))}
+        return ModelOutput(features, self.classify(features), adv)
 
     def _inference(self, fn: Any, x: torch.Tensor) -> Any:
         was_training = self.training
@@ -191,12 +218,7 @@ class MultiTaskModel(nn.Module):
 
     def penultimate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{task: (B, H)}`` the classifiers' last hidden layer (the embedding the paper plots), in eval mode."""
-
-        def fn(t: torch.Tensor) -> dict[str, torch.Tensor]:
-            feats = self.encode(t)
-            return {k: self.classifiers[k].penultimate(feats[k]) for k in self.task_names}  # type: ignore[operator]
-
-        return self._inference(fn, x)
+        return self._inference(lambda t: self.classifiers.penultimate(self.encode(t)), x)
 
 
 def build_model(experiment: Experiment, input_shape: tuple[int, int, int] | None = None) -> MultiTaskModel:

@@ -1,8 +1,14 @@
 """The objective interface: how encoders oppose the adversaries.
 
-An objective decides the encoder-side term of the main step for one adversary pair, and the loss the
+An objective decides what each adversary pair adds to the encoders' loss in the main step, and what the
 adversaries minimise in their own steps. Concrete objectives are plugins (entry-point group
 ``mtdisent.objectives``); this module only defines the contract.
+
+Adversary logits of all pairs travel together as one padded tensor ``(P, B, K_max)``: pair ``p`` has
+``num_classes[p]`` real classes, the rest of its logits are ``-inf``; ``targets`` is ``(P, B)`` with ``-1``
+for samples unlabelled for that pair's target task. A plugin implements the per-pair
+:meth:`Objective.encoder_term`; the batched :meth:`Objective.encoder_terms` defaults to calling it per pair
+and may be overridden with a vectorised version.
 """
 
 from __future__ import annotations
@@ -11,16 +17,15 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ._errors import ComponentError, did_you_mean
 
-__all__ = ["Objective", "grad_reverse"]
+__all__ = ["Objective", "grad_reverse", "masked_pair_cross_entropy"]
 
 
 class _GradReverse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
         ctx.scale = scale
         return x.view_as(x)
 
@@ -29,16 +34,32 @@ class _GradReverse(torch.autograd.Function):
         return -ctx.scale * grad, None
 
 
-def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``-scale`` in the backward pass."""
+def grad_reverse(x: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``-scale`` (broadcast) in the backward pass."""
     return _GradReverse.apply(x, scale)
+
+
+def masked_pair_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair mean cross-entropy over labelled samples.
+
+    Args:
+        logits: (P, B, K) padded logits.
+        targets: (P, B) class indices, -1 where unlabelled.
+
+    Returns:
+        ``(ce, labelled)``: (P,) mean cross-entropy (0 for a pair without labelled samples) and (P,) counts.
+    """
+    p, b, k = logits.shape
+    ce = F.cross_entropy(logits.reshape(p * b, k).float(), targets.reshape(p * b), ignore_index=-1, reduction="none")
+    labelled = (targets >= 0).sum(dim=1)  # (P,)
+    return ce.view(p, b).sum(dim=1) / labelled.clamp(min=1), labelled
 
 
 class Objective:
     """Base class of adversarial objectives.
 
-    Subclasses override :meth:`encoder_term` (and optionally :meth:`adversary_loss`). Keyword arguments
-    a subclass does not consume are rejected by name.
+    Subclasses override :meth:`encoder_term` (and optionally :meth:`encoder_terms`, :meth:`adversary_input`,
+    :meth:`adversary_loss`). Keyword arguments a subclass does not consume are rejected by name.
 
     Attributes:
         single_pass: If true, the main step's backward also trains the adversaries (gradient reversal):
@@ -54,16 +75,21 @@ class Objective:
             hint = " ".join(did_you_mean(k, valid) for k in sorted(kwargs)) if valid else "It takes no arguments."
             raise ComponentError(f"objective {type(self).__name__}: unknown argument(s) {names}. {hint}")
 
-    def encoder_term(
-        self, adversary: nn.Module, features: torch.Tensor, target: torch.Tensor, weight: float
-    ) -> torch.Tensor:
+    def adversary_input(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """What the adversaries see in the main step: the features themselves by default.
+
+        Args:
+            features: (P, B, D) source features of each pair, with gradient to the encoders.
+            weights: (P, 1, 1) lambda times each pair's weight.
+        """
+        return features
+
+    def encoder_term(self, logits: torch.Tensor, target: torch.Tensor, weight: float) -> torch.Tensor:
         """The term one pair adds to the main loss, already multiplied by ``weight``.
 
         Args:
-            adversary: The adversary module (its weights are not updated by the main step unless
-                ``single_pass``).
-            features: (B, D) features of the source task, with gradient to the encoder.
-            target: (B,) labels of the target task (only labelled samples are passed).
+            logits: (n, K) adversary logits of the samples labelled for the target task.
+            target: (n,) their labels.
             weight: lambda times the pair's weight, possibly scheduled.
 
         Returns:
@@ -71,9 +97,25 @@ class Objective:
         """
         raise NotImplementedError
 
-    def adversary_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The loss an adversary minimises in its own steps: cross-entropy by default."""
-        return F.cross_entropy(logits, target)
+    def encoder_terms(
+        self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, num_classes: list[int]
+    ) -> torch.Tensor:
+        """All pairs at once: (P, B, K_max) padded logits, (P, B) targets, (P,) weights -> (P,) terms.
+
+        The default calls :meth:`encoder_term` for each pair with labelled samples (0 for the others).
+        """
+        terms = []
+        for p, k in enumerate(num_classes):
+            mask = targets[p] >= 0
+            if bool(mask.any()):
+                terms.append(self.encoder_term(logits[p, mask, :k], targets[p, mask], float(weights[p])))
+            else:
+                terms.append(logits[p].sum() * 0.0)  # keeps the pair's weights in the graph
+        return torch.stack(terms)
+
+    def adversary_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """What the adversaries minimise: (P, B, K_max), (P, B) -> (P,) cross-entropy per pair."""
+        return masked_pair_cross_entropy(logits, targets)[0]
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in getattr(type(self), "arguments", ()))

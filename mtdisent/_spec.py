@@ -28,6 +28,7 @@ __all__ = [
     "AdversarySpec",
     "OptimizerSpec",
     "TrainingSpec",
+    "ExecutionSpec",
     "Experiment",
     "AdversaryPair",
     "load_spec",
@@ -312,6 +313,18 @@ class OptimizerSpec(SpecModel):
     weight_decay: float = Field(default=0.0, ge=0.0)
 
 
+class ExecutionSpec(SpecModel):
+    """How the model runs; results and checkpoints do not depend on it (one state_dict entry per head).
+
+    Args:
+        heads: ``"stacked"`` runs same-shaped classifiers and adversaries as stacked weights with batched
+            matrix products; ``"separate"`` runs one module per head (the reference path); ``"auto"``
+            stacks (faster in every measured configuration, see benchmarks/).
+    """
+
+    heads: Literal["auto", "stacked", "separate"] = "auto"
+
+
 class TrainingSpec(SpecModel):
     """How to train.
 
@@ -368,6 +381,7 @@ class Experiment(SpecModel):
             pairs listed in ``pairs`` with ``enabled=True`` get adversaries).
         data: Dataset from the ``datasets`` registry.
         training: Training settings.
+        execution: Execution path (stacked or separate heads); does not change results.
         seed: Seed for weights and data order.
         name: Optional human name of the experiment.
     """
@@ -381,6 +395,7 @@ class Experiment(SpecModel):
     all_pairs: bool = True
     data: Component | None = None
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     seed: int = 0
     name: str | None = None
 

@@ -93,17 +93,22 @@ def check_objective(
     name: str | Callable[..., Objective],
     *,
     args: dict[str, Any] | None = None,
-    num_classes: int = 3,
+    num_classes: tuple[int, ...] = (3, 2, 4),
     feature_dim: int = 8,
     batch_size: int = 6,
     seed: int = 0,
 ) -> Objective:
-    """Check the objective contract: finite scalar terms, gradients to features and to every adversary weight.
+    """Check the objective contract.
+
+    Per pair: ``encoder_term`` is a finite scalar with a gradient to the features (through
+    ``adversary_input``). Batched: ``encoder_terms`` over padded logits of pairs with different class counts
+    and partly unlabelled targets gives (P,) finite terms equal to the per-pair reference, and
+    ``adversary_loss`` gives (P,) finite losses with a gradient to every adversary weight.
 
     Args:
         name: Registered objective name, or the objective class itself.
         args: Constructor arguments.
-        num_classes: Classes of the target task in the test.
+        num_classes: Classes of each pair's target task in the test.
         feature_dim: Feature size in the test.
         batch_size: Batch size of the test.
         seed: Seed.
@@ -115,24 +120,43 @@ def check_objective(
     factory = objectives.get(name) if isinstance(name, str) else name
     objective = factory(**(args or {}))
     assert isinstance(objective, Objective), f"objective {name!r} is not an mtdisent.Objective"
-    adversary = MLPHead(feature_dim, num_classes, HeadSpec(hidden=[16]))
-    z = torch.randn(batch_size, feature_dim, requires_grad=True)
-    y = torch.arange(batch_size) % num_classes
-    term = objective.encoder_term(adversary, z, y, 0.5)
-    assert isinstance(term, torch.Tensor) and term.ndim == 0, f"objective {name!r}: encoder_term must be a scalar"
-    _finite(term, f"objective {name!r} encoder_term")
-    term.backward()
-    assert z.grad is not None and z.grad.abs().sum() > 0, (
-        f"objective {name!r}: encoder_term gives no gradient to features"
+    label = f"objective {name!r}"
+    k_max, p = max(num_classes), len(num_classes)
+    heads = [MLPHead(feature_dim, k, HeadSpec(hidden=[16])) for k in num_classes]
+    z = torch.randn(p, batch_size, feature_dim, requires_grad=True)
+    weights = torch.linspace(0.25, 1.0, p)
+    x = objective.adversary_input(z, weights.view(-1, 1, 1))
+    assert x.shape == z.shape, f"{label}: adversary_input changed the shape {tuple(z.shape)} -> {tuple(x.shape)}"
+    logits = torch.full((p, batch_size, k_max), float("-inf"))
+    logits = torch.stack(
+        [torch.cat([h(x[i]), logits[i, :, h.num_classes :]], dim=-1) for i, h in enumerate(heads)]
+    )  # (P, B, K_max)
+    targets = torch.stack([torch.arange(batch_size) % k for k in num_classes])  # (P, B)
+    targets[0, ::2] = -1  # partly unlabelled
+    targets[-1, :] = -1  # a pair with no labelled sample
+    term = objective.encoder_term(logits[1, :, : num_classes[1]], targets[1], 0.5)
+    assert isinstance(term, torch.Tensor) and term.ndim == 0, f"{label}: encoder_term must return a scalar"
+    _finite(term, f"{label} encoder_term")
+    terms = objective.encoder_terms(logits, targets, weights, list(num_classes))
+    assert terms.shape == (p,), f"{label}: encoder_terms must return one term per pair, got {tuple(terms.shape)}"
+    _finite(terms, f"{label} encoder_terms")
+    reference = Objective.encoder_terms(objective, logits, targets, weights, list(num_classes))
+    assert torch.allclose(terms, reference, atol=1e-5, rtol=1e-4), (
+        f"{label}: encoder_terms {terms.tolist()} differ from the per-pair encoder_term {reference.tolist()}"
     )
-    _finite(z.grad, f"objective {name!r} feature gradient")
-    zero = objective.encoder_term(adversary, z.detach(), y, 0.0)
-    _finite(zero, f"objective {name!r} encoder_term at weight 0")
-    adversary.zero_grad(set_to_none=True)
-    loss = objective.adversary_loss(adversary(z.detach()), y)
-    assert loss.ndim == 0, f"objective {name!r}: adversary_loss must be a scalar"
-    _finite(loss, f"objective {name!r} adversary_loss")
-    loss.backward()
-    missing = [n for n, p in adversary.named_parameters() if p.grad is None]
-    assert not missing, f"objective {name!r}: adversary parameters received no gradient: {missing}"
+    assert float(terms[-1].detach()) == 0.0, f"{label}: a pair without labelled samples must contribute 0"
+    terms.sum().backward()
+    assert z.grad is not None and z.grad[:-1].abs().sum() > 0, f"{label}: encoder terms give no gradient to features"
+    _finite(z.grad, f"{label} feature gradient")
+    for h in heads:
+        h.zero_grad(set_to_none=True)
+    detached = torch.stack(
+        [torch.cat([h(z[i].detach()), logits[i, :, h.num_classes :].detach()], dim=-1) for i, h in enumerate(heads)]
+    )
+    losses = objective.adversary_loss(detached, targets)
+    assert losses.shape == (p,), f"{label}: adversary_loss must return one loss per pair"
+    _finite(losses, f"{label} adversary_loss")
+    losses.sum().backward()
+    missing = [f"pair {i}: {n}" for i, h in enumerate(heads[:-1]) for n, q in h.named_parameters() if q.grad is None]
+    assert not missing, f"{label}: adversary parameters received no gradient: {missing}"
     return objective

@@ -49,11 +49,25 @@ def test_check_backbone_catches_a_bad_backbone():
 
 def test_check_objective_catches_a_detached_term():
     class Detached(md.Objective):
-        def encoder_term(self, adversary, features, target, weight):
-            return adversary(features.detach()).sum() * 0 + torch.tensor(1.0, requires_grad=True)
+        def encoder_term(self, logits, target, weight):
+            return logits.detach().sum() * 0 + torch.tensor(1.0, requires_grad=True)
 
     with pytest.raises(AssertionError, match="no gradient to features"):
         check_objective(Detached)
+
+
+def test_check_objective_catches_a_batched_path_that_disagrees():
+    class Sloppy(md.Objective):
+        def encoder_term(self, logits, target, weight):
+            return -weight * torch.nn.functional.cross_entropy(logits, target)
+
+        def encoder_terms(self, logits, targets, weights, num_classes):  # forgets to mask unlabelled samples
+            return -weights * torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), targets.clamp(min=0), reduction="none"
+            ).mean(1)
+
+    with pytest.raises(AssertionError, match="differ from the per-pair"):
+        check_objective(Sloppy)
 
 
 def test_objective_rejects_unknown_kwargs_by_name():

@@ -94,9 +94,10 @@ def test_encoder_update_opposes_the_adversary(objective):
     for _ in range(50):  # teach the adversary first, so it is far from uniform
         tr.adversary_step({"a": tr.model.encoders["a"](x).detach()}, {"a": ds.a[:40], "b": y})
     if objective == "gradient_reversal":  # keep the adversary fixed to isolate the encoder's move
-        for p in adv.parameters():
+        for p in tr.model.adversary_parameters():
             p.requires_grad_(False)
         tr.adv_params = []
+    assert adv is tr.model.adversary("a", "b")
     before_logits, before_ce = _adversary_view(tr, x, y)
     for _ in range(5):
         tr.main_step(lam=1.0)
@@ -118,7 +119,9 @@ def test_masked_labels_contribute_no_gradient():
 
 
 def test_unlabelled_task_gives_its_classifier_and_adversaries_no_gradient():
-    tr = trainer_for(adversary={"steps": 0}, training={"l2": 0.0})  # L2 alone would touch every weight
+    # the separate path owns one module per head, so per-head gradients can be read directly; the stacked
+    # path is proved equal to it in test_execution.py
+    tr = trainer_for(adversary={"steps": 0}, training={"l2": 0.0}, execution={"heads": "separate"})
     ds = tr.train_batches.dataset
     ds.drop_b[:] = True  # nobody labelled for task b
     tr.model.zero_grad(set_to_none=True)
@@ -235,9 +238,9 @@ def test_non_finite_loss_stops_naming_iteration_and_term(tmp_path):
     class NanLater(md.Objective):
         calls = 0
 
-        def encoder_term(self, adversary, features, target, weight):
+        def encoder_term(self, logits, target, weight):
             NanLater.calls += 1
-            term = -weight * torch.nn.functional.cross_entropy(adversary(features), target)
+            term = -weight * torch.nn.functional.cross_entropy(logits, target)
             return term * float("nan") if NanLater.calls > 6 else term  # 2 pairs: iteration 4 turns NaN
 
     md.register("objective", "test_nan_later", NanLater)

@@ -48,10 +48,13 @@ def test_build_is_seeded(two_tasks):
 
 def test_per_task_head_override():
     e = md.preset("paper_fetal_us", input_shape=(1, 32, 32))
-    model = md.build_model(e)
-    linears = lambda m: [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]  # noqa: E731
-    assert len(linears(model.classifiers["plane"])) == 3  # three dense layers, as in the paper
-    assert len(linears(model.classifiers["shadow"])) == 2
+    for heads in ("stacked", "separate"):
+        state = md.build_model(e.model_copy(update={"execution": md.ExecutionSpec(heads=heads)})).state_dict()
+        dense = {
+            t: [k for k, v in state.items() if k.startswith(f"classifiers.{t}.") and v.ndim == 2] for t in e.task_names
+        }
+        assert len(dense["plane"]) == 3, dense  # three dense layers, as in the paper
+        assert len(dense["shadow"]) == 2, dense
 
 
 def test_heterogeneous_backbones():

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .._errors import SpecError
 
-__all__ = ["DistInfo", "setup", "teardown", "all_true", "any_true", "min_counts"]
+__all__ = ["DistInfo", "setup", "teardown", "all_true", "any_true"]
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,3 @@ def all_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
 def any_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True when ``flag`` holds on some rank."""
     return bool(_reduce(torch.tensor([int(flag)], device=device), dist.ReduceOp.MAX, info).item())
-
-
-def min_counts(counts: list[int], info: DistInfo, device: torch.device) -> list[int]:
-    """Element-wise minimum of per-rank counts, so every rank takes the same decisions."""
-    if not info.enabled or not counts:
-        return counts
-    return [int(c) for c in _reduce(torch.tensor(counts, device=device), dist.ReduceOp.MIN, info).tolist()]

@@ -47,7 +47,7 @@ from ._checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from ._distributed import DistInfo, all_true, any_true, min_counts, setup, teardown
+from ._distributed import DistInfo, all_true, any_true, setup, teardown
 from ._progress import Progress
 from ._stream import Batches, BatchStream
 
@@ -149,9 +149,8 @@ def _make_optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.op
     return cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay, foreach=True)
 
 
-def _l2(params: list[nn.Parameter]) -> torch.Tensor:
-    """Sum of squares of every weight matrix/kernel (ndim > 1), as TF's kernel regularisers."""
-    weights = [p for p in params if p.ndim > 1]
+def _l2(weights: list[nn.Parameter]) -> torch.Tensor:
+    """Sum of squares of weight matrices and kernels, as TF's kernel regularisers."""
     return torch.stack([w.pow(2).sum() for w in weights]).sum() if weights else torch.zeros(())
 
 
@@ -221,6 +220,18 @@ class _MainNet(nn.Module):
         return feats, self._classify(feats)
 
 
+class _AdvNet(nn.Module):
+    """All adversaries as one module (what DDP wraps for the adversary updates)."""
+
+    def __init__(self, model: MultiTaskModel) -> None:
+        super().__init__()
+        self.adversaries = model.adversaries
+        self._logits = model.adversary_logits
+
+    def forward(self, feats: dict[str, torch.Tensor], transform: Any, weights: torch.Tensor | None) -> torch.Tensor:
+        return self._logits({k: v.float() for k, v in feats.items()}, transform, weights)  # (P, B, K_max)
+
+
 class Trainer:
     """State of one training run: model, optimisers, data streams, RNGs. :func:`train` drives it."""
 
@@ -259,6 +270,7 @@ class Trainer:
         self.flip_rng = torch.Generator().manual_seed(experiment.seed + 7919)
         self.main_params = self.model.main_parameters()
         self.adv_params = self.model.adversary_parameters()
+        self.l2_main, self.l2_adv = self.model.l2_parameters("main"), self.model.l2_parameters("adversary")
         self.main_opt = _make_optimizer(tr.optimizer, self.main_params)
         self.adv_opt = _make_optimizer(tr.adversary_optimizer, self.adv_params) if self.adv_params else None
         self.iteration = 0
@@ -273,13 +285,16 @@ class Trainer:
         # their own wrappers, used only where their gradients must be synchronised (adversary steps, and the
         # main step of single-pass objectives); elsewhere the plain modules run, with no gradient sync.
         self.main_net: nn.Module = _MainNet(self.model, self.encode)
-        self.adv_nets: dict[str, nn.Module] = dict(self.model.adversaries.items())
+        self.adv_plain: nn.Module = _AdvNet(self.model)
+        self.adv_net: nn.Module = self.adv_plain
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [device] if device.type == "cuda" else None
             self.main_net = DDP(self.main_net, device_ids=ids)
-            self.adv_nets = {k: DDP(m, device_ids=ids) for k, m in self.adv_nets.items()}
+            if self.adv_params:
+                self.adv_net = DDP(self.adv_plain, device_ids=ids)
+        self.pair_classes = self.model.pair_classes
 
     # -- data ----------------------------------------------------------------------------------------
     def next_batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -292,14 +307,16 @@ class Trainer:
             x = torch.where(flip[rank::world, None, None, None], x.flip(-1), x)
         return x.to(self.device, non_blocking=True), {k: v.to(self.device) for k, v in y.items()}
 
-    def _usable_pairs(self, y: dict[str, torch.Tensor]) -> list[Any]:
-        """Pairs with at least two labelled targets on every rank (adversary BatchNorm needs two samples)."""
-        pairs = self.model.pairs
-        counts = min_counts([int((y[p.target] >= 0).sum()) for p in pairs], self.dist, self.device)
-        return [p for p, c in zip(pairs, counts, strict=True) if c >= 2]
+    def _targets(self, y: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(P, B) labels of each pair's target task, -1 where unlabelled."""
+        return torch.stack([y[p.target] for p in self.model.pairs])
 
     # -- steps ---------------------------------------------------------------------------------------
-    def _check_finite(self, terms: dict[str, torch.Tensor], step: str) -> None:
+    def _check_finite(self, terms: dict[str, torch.Tensor], step: str, pair_terms: torch.Tensor | None) -> None:
+        named = dict(terms)
+        if pair_terms is not None:  # name the pairs rather than their sum
+            named.pop("adversaries", None)
+            named.update({f"adv/{p.key}": v for p, v in zip(self.model.pairs, pair_terms, strict=True)})
         values = torch.stack([v.detach().float() for v in terms.values()])
         finite = bool(torch.isfinite(values).all())
         if not all_true(finite, self.dist, self.device):
@@ -308,9 +325,9 @@ class Trainer:
                     f"iteration {self.iteration + 1}, {step} step: a loss term is not finite on another process; "
                     "the last good checkpoint is kept."
                 )
-            bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+            bad = [k for k, v in named.items() if not torch.isfinite(v.detach()).all()]
             names = ", ".join(repr(b) for b in bad)
-            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in named.items())
             raise TrainingError(
                 f"iteration {self.iteration + 1}, {step} step: loss term{'s' if len(bad) > 1 else ''} {names} "
                 f"{'are' if len(bad) > 1 else 'is'} not finite ({shown}). Lower the learning rate or lambda; the last "
@@ -337,16 +354,16 @@ class Trainer:
                     mask = y[task] >= 0
                     metrics[f"acc/{task}"] = float((logits[task][mask].argmax(-1) == y[task][mask]).float().mean())
                     metrics[f"loss/{task}"] = float(ce.detach())
-            if lam > 0 or single:
-                for pair in self._usable_pairs(y):
-                    mask = y[pair.target] >= 0
-                    adversary = self.adv_nets[pair.key] if single else model.adversaries[pair.key]
-                    terms[f"adv/{pair.key}"] = self.objective.encoder_term(
-                        adversary, feats[pair.source][mask].float(), y[pair.target][mask], lam * pair.weight
-                    )
+            pair_terms = None
+            if model.pairs and (lam > 0 or single):
+                weights = torch.tensor([lam * p.weight for p in model.pairs], device=x.device)  # (P,)
+                net = self.adv_net if single else self.adv_plain  # no gradient sync for frozen adversaries
+                adv_logits = net(feats, self.objective.adversary_input, weights)  # (P, B, K_max)
+                pair_terms = self.objective.encoder_terms(adv_logits, self._targets(y), weights, self.pair_classes)
+                terms["adversaries"] = pair_terms.sum()
         if tr.l2 > 0:
-            terms["l2"] = tr.l2 * _l2(self.main_params + (self.adv_params if single else []))
-        self._check_finite(terms, "main")
+            terms["l2"] = tr.l2 * _l2(self.l2_main + (self.l2_adv if single else []))
+        self._check_finite(terms, "main", pair_terms)
         self.main_opt.zero_grad(set_to_none=True)
         if single and self.adv_opt is not None:
             self.adv_opt.zero_grad(set_to_none=True)
@@ -371,23 +388,22 @@ class Trainer:
             x, y = self.next_batch()
             with torch.no_grad(), _frozen_buffers(model.encoders), self.autocast():
                 feats = self.encode(x)
-        terms: dict[str, torch.Tensor] = {}
-        metrics: dict[str, float] = {}
+        targets = self._targets(y)  # (P, B)
         with self.autocast():
-            for pair in self._usable_pairs(y):
-                mask = y[pair.target] >= 0
-                logits = self.adv_nets[pair.key](feats[pair.source][mask].float()).float()
-                terms[f"adv/{pair.key}"] = self.objective.adversary_loss(logits, y[pair.target][mask])
-                metrics[f"adv_acc/{pair.key}"] = float((logits.argmax(-1) == y[pair.target][mask]).float().mean())
-        if not terms:
-            return metrics
+            logits = self.adv_net(feats, None, None).float()  # (P, B, K_max)
+        pair_losses = self.objective.adversary_loss(logits, targets)  # (P,)
+        terms = {"adversaries": pair_losses.sum()}
         if tr.l2 > 0:
-            terms["l2"] = tr.l2 * _l2(self.adv_params)
-        self._check_finite(terms, "adversary")
+            terms["l2"] = tr.l2 * _l2(self.l2_adv)
+        self._check_finite(terms, "adversary", pair_losses)
         self.adv_opt.zero_grad(set_to_none=True)
         torch.stack(list(terms.values())).sum().backward()
         self.adv_opt.step()
-        return metrics
+        labelled = targets >= 0
+        correct = ((logits.detach().argmax(-1) == targets) & labelled).sum(1)  # (P,)
+        counts = labelled.sum(1)
+        accuracy = (correct / counts.clamp(min=1)).tolist()
+        return {f"adv_acc/{p.key}": a for p, a, c in zip(model.pairs, accuracy, counts.tolist(), strict=True) if c}
 
     def iterate(self) -> dict[str, float]:
         """One iteration: a main step, then ``adversary.steps`` adversary steps."""

@@ -1,14 +1,16 @@
-"""The three first-party objectives: the paper's min-max, confusion, and gradient reversal."""
+"""The three first-party objectives: the paper's min-max, confusion, and gradient reversal.
+
+Each implements the per-pair :meth:`encoder_term` (the reference) and a vectorised :meth:`encoder_terms`
+over all pairs; the tests check that the two agree.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mtdisent import Objective, grad_reverse
+from mtdisent._objectives import masked_pair_cross_entropy
 
 __all__ = ["MinMax", "Confusion", "GradientReversal"]
 
@@ -20,42 +22,61 @@ class MinMax(Objective):
     the adversary confidently wrong, which still encodes the label; see :class:`Confusion`.
     """
 
-    def encoder_term(
-        self, adversary: nn.Module, features: torch.Tensor, target: torch.Tensor, weight: float
+    def encoder_term(self, logits: torch.Tensor, target: torch.Tensor, weight: float) -> torch.Tensor:
+        """``-weight * CE(logits, target)``."""
+        return -weight * F.cross_entropy(logits.float(), target)
+
+    def encoder_terms(
+        self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, num_classes: list[int]
     ) -> torch.Tensor:
-        """``-weight * CE(adversary(features), target)``."""
-        return -weight * F.cross_entropy(adversary(features), target)
+        """Vectorised :meth:`encoder_term`."""
+        return -weights * masked_pair_cross_entropy(logits, targets)[0]
 
 
 class Confusion(Objective):
     """Encoders push each adversary's prediction toward the uniform distribution.
 
-    Main loss term per pair: ``weight * CE(A(z), uniform)`` = ``-weight * mean_k log p_k``, minimal
-    exactly when the adversary's prediction is uniform. Bounded, unlike :class:`MinMax`.
+    Main loss term per pair: ``weight * CE(A(z), uniform)`` = ``-weight * mean_k log p_k`` over the samples
+    labelled for the target task, minimal exactly when the prediction is uniform. Bounded, unlike
+    :class:`MinMax`.
     """
 
-    def encoder_term(
-        self, adversary: nn.Module, features: torch.Tensor, target: torch.Tensor, weight: float
+    def encoder_term(self, logits: torch.Tensor, target: torch.Tensor, weight: float) -> torch.Tensor:
+        """``weight * CE(logits, uniform)``; ``target`` only selects the samples."""
+        return -weight * F.log_softmax(logits.float(), dim=-1).mean()
+
+    def encoder_terms(
+        self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, num_classes: list[int]
     ) -> torch.Tensor:
-        """``weight * CE(adversary(features), uniform)``; ``target`` is not used."""
-        log_p = F.log_softmax(adversary(features), dim=-1)  # (B, K)
-        return -weight * log_p.mean()
+        """Vectorised :meth:`encoder_term` (padded classes excluded)."""
+        k = torch.tensor(num_classes, device=logits.device)  # (P,)
+        valid = torch.arange(logits.shape[-1], device=logits.device)[None, :] < k[:, None]  # (P, K_max)
+        log_p = F.log_softmax(logits.float(), dim=-1).masked_fill(~valid[:, None, :], 0.0)  # (P, B, K_max)
+        per_sample = log_p.sum(-1) / k[:, None]  # (P, B) mean log-probability over real classes
+        labelled = targets >= 0
+        mean = (per_sample * labelled).sum(1) / labelled.sum(1).clamp(min=1)  # (P,)
+        return -weights * mean
 
 
 class GradientReversal(Objective):
     """DANN-style: one backward pass through a gradient-reversal layer trains encoders and adversaries.
 
-    The adversary sees ``grad_reverse(z, weight)``: it minimises its cross-entropy while the encoder
-    receives ``-weight`` times that gradient. Pair it with ``adversary.schedule="sigmoid"`` for DANN's ramp.
+    The adversaries see ``grad_reverse(z, weight)``: they minimise their cross-entropy while the encoders
+    receive ``-weight`` times that gradient. Pair it with ``adversary.schedule="sigmoid"`` for DANN's ramp.
     """
 
     single_pass = True
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def adversary_input(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``grad_reverse(features, weights)``."""
+        return grad_reverse(features, weights)
 
-    def encoder_term(
-        self, adversary: nn.Module, features: torch.Tensor, target: torch.Tensor, weight: float
+    def encoder_term(self, logits: torch.Tensor, target: torch.Tensor, weight: float) -> torch.Tensor:
+        """``CE(logits, target)``: the weight already sits in the reversal layer."""
+        return F.cross_entropy(logits.float(), target)
+
+    def encoder_terms(
+        self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, num_classes: list[int]
     ) -> torch.Tensor:
-        """``CE(adversary(grad_reverse(features, weight)), target)``."""
-        return F.cross_entropy(adversary(grad_reverse(features, weight)), target)
+        """Vectorised :meth:`encoder_term`."""
+        return masked_pair_cross_entropy(logits, targets)[0]
