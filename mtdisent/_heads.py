@@ -319,20 +319,25 @@ class HeadGroup(nn.Module):
 
     def run_padded(
         self,
-        inputs: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor] | torch.Tensor,
         transform: Any = None,
         weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One (B, D) input per head, in order -> (P, B, K_max) logits, ``-inf`` past each head's classes.
 
-        ``transform(x, w)`` maps stacked inputs (G, B, D) and their weights (G, 1, 1) before the heads.
+        ``inputs`` is a sequence of (B, D) tensors or, when all heads share D, one stacked (P, B, D) tensor
+        (stack once and reuse it across calls). ``transform(x, w)`` maps stacked inputs (G, B, D) and their
+        weights (G, 1, 1) before the heads.
         """
         p_total, b = len(self.names), inputs[0].shape[0]
         k_max = max(self._num_classes.values())
         w = weights.view(-1, 1, 1) if weights is not None else None
 
         def prepare(idx: list[int]) -> torch.Tensor:
-            x = torch.stack([inputs[i] for i in idx])  # (G, B, D)
+            if isinstance(inputs, torch.Tensor):
+                x = inputs if len(idx) == p_total else inputs[idx]  # (G, B, D)
+            else:
+                x = torch.stack([inputs[i] for i in idx])  # (G, B, D)
             return transform(x, w[idx]) if transform is not None and w is not None else x
 
         if self.stacked and len(self.stacks) == 1:  # the common case: one stack, already in order

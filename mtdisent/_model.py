@@ -171,18 +171,26 @@ class MultiTaskModel(nn.Module):
         """``{task: (B, D)}`` -> ``{task: (B, classes)}`` logits."""
         return self.classifiers.run(features)
 
+    def stack_adversary_inputs(self, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(P, B, D) source features of every pair, when all sources share D (else ``None``)."""
+        if not self.pairs or len({self.feature_sizes[p.source] for p in self.pairs}) != 1:
+            return None
+        return torch.stack([features[p.source] for p in self.pairs])
+
     def adversary_logits(
         self,
-        features: dict[str, torch.Tensor],
+        features: dict[str, torch.Tensor] | torch.Tensor,
         transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """All adversaries at once: ``{task: (B, D)}`` -> (P, B, K_max) logits in ``self.pairs`` order.
 
-        Pair p's logits past its target's classes are ``-inf``. ``transform(x, w)`` (an objective's
-        ``adversary_input``) is applied to the (P, B, D) stacked inputs with ``weights`` (P,) reshaped to
-        (P, 1, 1) first.
+        ``features`` may also be the output of :meth:`stack_adversary_inputs`. Pair p's logits past its
+        target's classes are ``-inf``. ``transform(x, w)`` (an objective's ``adversary_input``) is applied to
+        the (P, B, D) stacked inputs with ``weights`` (P,) reshaped to (P, 1, 1) first.
         """
+        if isinstance(features, torch.Tensor):
+            return self.adversaries.run_padded(features, transform, weights)
         inputs = [features[p.source] for p in self.pairs]  # P x (B, D)
         return self.adversaries.run_padded(inputs, transform, weights)
 
