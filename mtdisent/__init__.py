@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ._data import DataError, DataSource
 from ._engine import CheckpointError, Run, TrainingError, TrainingInterrupted, load, train
+from ._evaluate import Report, evaluate
 from ._errors import (
     ComponentError,
     DuplicateComponentError,
@@ -68,6 +69,8 @@ __all__ = [
     "build_model",
     "train",
     "load",
+    "evaluate",
+    "Report",
     "Run",
     "MultiTaskModel",
     "ModelOutput",

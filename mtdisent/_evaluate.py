@@ -1,0 +1,290 @@
+"""``md.evaluate``: per-task accuracy, per-combination accuracy, trained-adversary and fresh-probe leakage.
+
+Evaluation reads a model and data; it never reaches into the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._data import DataError, DataSource, resolve_data
+from ._engine import Run, load
+from ._errors import MtdisentError
+from ._model import MultiTaskModel
+from .evaluation import (
+    LeakageMatrix,
+    TaskMetrics,
+    collect_features,
+    combination_accuracy,
+    combination_summary,
+    leakage_matrix,
+    majority_rate,
+    seen_combinations,
+    task_metrics,
+)
+
+__all__ = ["Report", "evaluate", "resolve_model"]
+
+
+def resolve_model(source: Any, which: str = "best") -> MultiTaskModel:
+    """A model from a :class:`Run`, a run or checkpoint directory, or a model."""
+    if isinstance(source, MultiTaskModel):
+        return source
+    if isinstance(source, Run):
+        return source.model
+    if isinstance(source, (str, Path)):
+        return load(source, which=which)
+    raise MtdisentError(f"evaluate expects a Run, a run directory or a MultiTaskModel, got {type(source).__name__}")
+
+
+def _key(pair: tuple[str, str]) -> str:
+    return f"{pair[0]}->{pair[1]}"
+
+
+@dataclass
+class Report:
+    """What :func:`evaluate` measured.
+
+    Attributes:
+        tasks: Task names in order.
+        metrics: Per task: accuracy, balanced accuracy, per-class accuracy, confusion matrix.
+        adversary_accuracy: ``{(source, target): accuracy}`` of the trained adversaries on the data.
+        probes: ``{layer: {kind: LeakageMatrix}}`` fresh-probe leakage (layers ``features`` and
+            ``penultimate``; kinds ``linear`` and ``mlp``), including i == j.
+        combinations: Per task, accuracy per factor combination with seen/unseen flags and a summary.
+        info: Where the numbers came from (sizes, settings).
+    """
+
+    tasks: list[str]
+    metrics: dict[str, TaskMetrics]
+    adversary_accuracy: dict[tuple[str, str], float] = field(default_factory=dict)
+    adversary_majority: dict[tuple[str, str], float] = field(default_factory=dict)
+    probes: dict[str, dict[str, LeakageMatrix]] = field(default_factory=dict)
+    combinations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> dict[str, float]:
+        """``{task: accuracy}``."""
+        return {t: m.accuracy for t, m in self.metrics.items()}
+
+    @property
+    def balanced_accuracy(self) -> dict[str, float]:
+        """``{task: balanced accuracy}``."""
+        return {t: m.balanced_accuracy for t, m in self.metrics.items()}
+
+    def _probe(self, layer: str = "features", kind: str = "linear") -> LeakageMatrix | None:
+        return self.probes.get(layer, {}).get(kind)
+
+    @property
+    def leakage(self) -> dict[tuple[str, str], float]:
+        """Fresh linear-probe accuracy ``{(i, j): acc}`` predicting task j from task i's encoder features."""
+        probe = self._probe()
+        return dict(probe.accuracy) if probe is not None else {}
+
+    @property
+    def leakage_normalised(self) -> dict[tuple[str, str], float]:
+        """The same, normalised: (acc - majority) / (1 - majority)."""
+        probe = self._probe()
+        return dict(probe.normalised) if probe is not None else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return {
+            "tasks": self.tasks,
+            "metrics": {t: m.to_dict() for t, m in self.metrics.items()},
+            "adversary_accuracy": {_key(k): v for k, v in self.adversary_accuracy.items()},
+            "adversary_majority": {_key(k): v for k, v in self.adversary_majority.items()},
+            "probes": {layer: {kind: m.to_dict() for kind, m in kinds.items()} for layer, kinds in self.probes.items()},
+            "combinations": self.combinations,
+            "info": self.info,
+        }
+
+    def to_json(self, indent: int = 1) -> str:
+        """The report as JSON."""
+        return json.dumps(self.to_dict(), indent=indent, default=_json_default)
+
+    def to_markdown(self) -> str:
+        """The report as markdown tables."""
+        lines = ["# mtdisent evaluation", ""]
+        if self.info:
+            lines += ["; ".join(f"{k}: {v}" for k, v in self.info.items()), ""]
+        lines += [
+            "## Per task",
+            "",
+            "| task | accuracy | balanced accuracy | per-class accuracy | n |",
+            "|---|---|---|---|---|",
+        ]
+        for t, m in self.metrics.items():
+            per_class = ", ".join("-" if a is None else f"{a:.3f}" for a in m.per_class_accuracy)
+            lines.append(f"| {t} | {m.accuracy:.4f} | {m.balanced_accuracy:.4f} | {per_class} | {m.n} |")
+        if self.combinations:
+            lines += [
+                "",
+                "## Factor combinations",
+                "",
+                "| task | seen accuracy | unseen accuracy | worst combination | worst accuracy |",
+                "|---|---|---|---|---|",
+            ]
+            for t, c in self.combinations.items():
+                s = c["summary"]
+                worst = s.get("worst_combination")
+                named = ", ".join(f"{f}={v}" for f, v in zip(c["factors"], worst, strict=True)) if worst else "-"
+                lines.append(
+                    f"| {t} | {_fmt(s.get('seen_accuracy'))} (n={s['seen_n']}) | {_fmt(s.get('unseen_accuracy'))} "
+                    f"(n={s['unseen_n']}) | {named} | {_fmt(s.get('worst_accuracy'))} |"
+                )
+        if self.adversary_accuracy:
+            lines += ["", "## Trained adversaries", "", "| adversary | accuracy | majority rate |", "|---|---|---|"]
+            for k, v in self.adversary_accuracy.items():
+                lines.append(f"| {_key(k)} | {v:.4f} | {self.adversary_majority.get(k, math.nan):.4f} |")
+        for layer, kinds in self.probes.items():
+            for kind, matrix in kinds.items():
+                lines += ["", f"## Fresh {kind} probes on {layer} (rows: features of; columns: predicting)", ""]
+                lines.append("| | " + " | ".join(matrix.tasks) + " |")
+                lines.append("|---" * (len(matrix.tasks) + 1) + "|")
+                for i in matrix.tasks:
+                    cells = [f"{matrix.accuracy[(i, j)]:.3f} ({matrix.normalised[(i, j)]:+.2f})" for j in matrix.tasks]
+                    lines.append(f"| {i} | " + " | ".join(cells) + " |")
+                lines.append("")
+                lines.append("Cells: probe accuracy (normalised leakage (acc - majority) / (1 - majority)).")
+        return "\n".join(lines) + "\n"
+
+    def save(self, directory: str | Path) -> Path:
+        """Write report.json and report.md into ``directory``."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(self.to_json(), encoding="utf-8")
+        (out / "report.md").write_text(self.to_markdown(), encoding="utf-8")
+        return out
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _split(data: Any, model: MultiTaskModel, split: str | None, default: str) -> Any:
+    if data is None or isinstance(data, (DataSource, Mapping)):
+        source = data if isinstance(data, DataSource) else resolve_data(model.experiment, data)
+        name = split or default
+        if name not in source:
+            raise DataError(f"the data has no split {name!r} (it has {sorted(source)})")
+        return source[name]
+    return data
+
+
+@torch.no_grad()
+def _adversary_accuracy(
+    model: MultiTaskModel, feats: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    if not model.pairs:
+        return {}, {}
+    was = model.training
+    model.eval()
+    try:
+        logits = model.adversary_logits(feats)  # (P, B, K_max)
+    finally:
+        model.train(was)
+    acc, maj = {}, {}
+    for p, pair in enumerate(model.pairs):
+        y = labels[pair.target]
+        m = y >= 0
+        if bool(m.any()):
+            acc[(pair.source, pair.target)] = float((logits[p][m].argmax(-1) == y[m]).float().mean())
+            maj[(pair.source, pair.target)] = majority_rate(y, model.pair_classes[p])
+    return acc, maj
+
+
+def evaluate(
+    source: Any,
+    data: Any = None,
+    *,
+    split: str | None = None,
+    probe_data: Any = None,
+    probe_split: str = "train",
+    probes: Sequence[str] = ("linear", "mlp"),
+    layers: Sequence[str] = ("features", "penultimate"),
+    which: str = "best",
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Report:
+    """Evaluate a trained model.
+
+    Args:
+        source: A :class:`~mtdisent.Run`, a run or checkpoint directory, or a :class:`~mtdisent.MultiTaskModel`.
+        data: The evaluation data: a Dataset, a mapping of splits or a DataSource; ``None`` uses the spec's data.
+        split: Which split of mapping/spec data to evaluate (default ``test``), e.g. ``"unseen"``.
+        probe_data: Data the fresh probes are trained on (default: the ``probe_split`` of the spec's data,
+            or of ``data`` when it is a mapping); ``False`` skips probes.
+        probe_split: Split used for probes and to decide which factor combinations were seen in training.
+        probes: Probe kinds: ``linear`` and/or ``mlp``.
+        layers: Feature layers probed: ``features`` (encoder output) and/or ``penultimate`` (classifier).
+        which: For a run directory: ``best``, ``final`` or ``latest`` model.
+        batch_size: Batch size of the forward passes.
+        seed: Seed of the probes.
+        device: Where to run the model.
+
+    Returns:
+        A :class:`Report`.
+    """
+    model = resolve_model(source, which).to(device)
+    tasks = model.task_names
+    eval_set = _split(data, model, split, "test")
+    feats, labels = collect_features(model, eval_set, batch_size=batch_size, layer="features", device=device)
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        logits = model.classify({t: f.to(device) for t, f in feats.items()})
+        model.train(was)
+    preds = {t: logits[t].argmax(-1).cpu() for t in tasks}
+    metrics = {t: task_metrics(preds[t], labels[t], model.experiment.task(t).n_classes) for t in tasks}
+    adv_acc, adv_maj = _adversary_accuracy(
+        model, {t: f.to(device) for t, f in feats.items()}, {t: v.to(device) for t, v in labels.items()}
+    )
+    report = Report(tasks, metrics, adv_acc, adv_maj, info={"n_eval": len(next(iter(labels.values())))})
+
+    probe_set = None
+    if probe_data is not False:
+        if probe_data is None:
+            if isinstance(data, (DataSource, Mapping)) or (data is None and model.experiment.data is not None):
+                probe_set = _split(data, model, probe_split, probe_split)
+        else:
+            probe_set = _split(probe_data, model, probe_split, probe_split)
+    if probe_set is not None:
+        n_classes = {t: model.experiment.task(t).n_classes for t in tasks}
+        for layer in layers:
+            tr_f, tr_y = collect_features(model, probe_set, batch_size=batch_size, layer=layer, device=device)
+            ev_f = feats
+            if layer != "features":
+                ev_f, _ = collect_features(model, eval_set, batch_size=batch_size, layer=layer, device=device)
+            report.probes[layer] = {
+                kind: leakage_matrix(tr_f, tr_y, ev_f, labels, n_classes, kind=kind, seed=seed) for kind in probes
+            }
+        report.info["n_probe"] = len(next(iter(tr_y.values())))
+        seen = seen_combinations(tr_y, tasks)  # factor combinations present in the probe (training) data
+        for t in tasks:
+            per = combination_accuracy(preds, labels, t, tasks)
+            report.combinations[t] = {
+                "factors": list(tasks),
+                "per_combination": {
+                    ",".join(map(str, c)): {"accuracy": a, "n": n, "seen": c in seen} for c, (a, n) in per.items()
+                },
+                "summary": combination_summary(per, seen).to_dict(),
+            }
+    return report
