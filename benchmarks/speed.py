@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -62,28 +60,6 @@ GRIDS: dict[str, dict[str, Any]] = {
         "gate_steps": 20,
     },
 }
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def reset_peak(device: torch.device) -> None:
@@ -249,7 +225,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.grid == "gpu" and torch.cuda.is_available() else "cpu")
     grid = GRIDS[args.grid]
-    info = machine()
+    info = md.machine_info()
     results = []
     for size in grid["sizes"]:
         for output in grid["outputs"]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from ._data import DataError, DataSource
 from ._engine import CheckpointError, Run, TrainingError, TrainingInterrupted, load, train
-from ._evaluate import Report, evaluate
 from ._errors import (
     ComponentError,
     DuplicateComponentError,
@@ -19,7 +18,9 @@ from ._errors import (
     UnknownComponentError,
     did_you_mean,
 )
+from ._evaluate import Report, evaluate
 from ._heads import MLPHead
+from ._machine import machine_info
 from ._model import ModelOutput, MultiTaskModel, build_model
 from ._objectives import Objective, grad_reverse
 from ._presets import preset, presets
@@ -71,6 +72,7 @@ __all__ = [
     "load",
     "evaluate",
     "Report",
+    "machine_info",
     "Run",
     "MultiTaskModel",
     "ModelOutput",

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -15,6 +16,7 @@ from ._engine import TrainingInterrupted
 from ._errors import MtdisentError, SpecError
 from ._registry import list_plugins
 from ._spec import Experiment, load_spec, load_spec_file
+from .evaluation import format_mean_std
 
 __all__ = ["main", "apply_overrides"]
 
@@ -112,25 +114,241 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
-    import torch
+def _evaluate_run(run_dir: Path, split: str, probes: bool, figures: bool, which: str = "best") -> Any:
+    from ._evaluate import evaluate
 
-    from ._model import build_model
+    report = evaluate(run_dir, split=split, which=which, probe_data=None if probes else False)
+    report.info.update({"run": str(run_dir), "split": split, "model": which})
+    metrics = run_dir / "metrics.jsonl"
+    report.save(run_dir / f"eval-{split}", figures=figures, metrics_file=metrics if metrics.is_file() else None)
+    return report
+
+
+def _cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    run_dir = Path(args.run)
+    report = _evaluate_run(run_dir, args.split, not args.no_probes, not args.no_figures, args.which)
+    console.print(report.to_markdown(), markup=False, highlight=False)
+    console.print(f"written to {run_dir / f'eval-{args.split}'}")
+    return 0
+
+
+def _group_label(spec: dict[str, Any], others: list[dict[str, Any]]) -> str:
+    """The fields where this run's spec differs from the others (seed and name aside)."""
+
+    def leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            return {k2: v2 for k, v in d.items() for k2, v2 in leaves(v, f"{prefix}{k}.").items()}
+        return {prefix[:-1]: json.dumps(d)}
+
+    mine = leaves(spec)
+    differing = sorted({k for o in others for k, v in leaves(o).items() if mine.get(k) != v})
+    return ", ".join(f"{k}={mine.get(k)}" for k in differing) or "all runs"
+
+
+def _cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    groups: dict[str, list[tuple[Path, Any, Any]]] = {}
+    specs: dict[str, dict[str, Any]] = {}
+    for run in args.runs:
+        run_dir = Path(run)
+        spec = json.loads((run_dir / "spec.json").read_text())
+        key_spec = {k: v for k, v in spec.items() if k not in {"seed", "name"}}
+        key = json.dumps(key_spec, sort_keys=True)
+        specs[key] = key_spec
+        report = _evaluate_run(run_dir, args.split, True, False)
+        unseen = None
+        if args.unseen_split:
+            unseen = _evaluate_run(run_dir, args.unseen_split, False, False)
+        groups.setdefault(key, []).append((run_dir, report, unseen))
+    table = Table(title=f"comparison on split {args.split!r} (mean ± std over runs)")
+    first = next(iter(groups.values()))[0][1]
+    table.add_column("runs")
+    table.add_column("n")
+    for t in first.tasks:
+        table.add_column(f"acc {t}")
+    if args.unseen_split:
+        for t in first.tasks:
+            table.add_column(f"{args.unseen_split} acc {t}")
+    table.add_column("probe leakage (norm., i != j)")
+    rows = []
+    for key, runs in groups.items():
+        label = _group_label(specs[key], [s for k, s in specs.items() if k != key])
+        cells = [label, str(len(runs))]
+        cells += [format_mean_std([r.accuracy[t] for _, r, _ in runs]) for t in first.tasks]
+        if args.unseen_split:
+            cells += [format_mean_std([u.accuracy[t] for _, _, u in runs]) for t in first.tasks]
+        cells.append(format_mean_std([r.off_diagonal_leakage() for _, r, _ in runs]))
+        table.add_row(*cells)
+        rows.append(cells)
+    console.print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        header = [c.header for c in table.columns]
+        md_lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+        md_lines += ["| " + " | ".join(r) + " |" for r in rows]
+        (out / "compare.md").write_text("\n".join(md_lines) + "\n")
+        console.print(f"written to {out / 'compare.md'}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    from ._engine import train
+    from ._evaluate import evaluate
+
+    base = apply_overrides(load_spec_file(args.spec)[0], args.set)
+    namespace = load_spec_file(args.spec)[1]
+    out = Path(args.out_dir)
+    points = []
+    for weight in args.weights:
+        for seed in args.seeds:
+            e = apply_overrides(base, [f"adversary.weight={weight}", f"seed={seed}"])
+            run_dir = out / f"w{weight:g}_s{seed}"
+            resume = (run_dir / "checkpoints").is_dir()
+            run = train(e, data=namespace.get("data"), out_dir=run_dir, resume=resume, quiet=args.quiet)
+            val = evaluate(run, data=namespace.get("data"), split="val", layers=("features",), probes=("linear",))
+            test = evaluate(run, data=namespace.get("data"), split="test", probe_data=False)
+            point: dict[str, Any] = {
+                "weight": weight,
+                "seed": seed,
+                "run": str(run_dir),
+                "val_accuracy": sum(val.accuracy.values()) / len(val.accuracy),
+                "val_leakage": val.off_diagonal_leakage(),
+                "accuracy": sum(test.accuracy.values()) / len(test.accuracy),
+                "test_accuracy": test.accuracy,
+            }
+            if args.unseen_split:
+                unseen = evaluate(run, data=namespace.get("data"), split=args.unseen_split, probe_data=False)
+                point["unseen"] = unseen.accuracy
+                point["unseen_accuracy"] = unseen.accuracy.get(args.unseen_task) if args.unseen_task else None
+            point["leakage"] = point["val_leakage"]
+            points.append(point)
+            console.print(
+                f"lambda={weight:g} seed={seed}: val acc {point['val_accuracy']:.3f}, "
+                f"val leakage {point['val_leakage']:.3f}, test acc {point['accuracy']:.3f}"
+            )
+    by_weight: dict[float, list[dict[str, Any]]] = {}
+    for p in points:
+        by_weight.setdefault(p["weight"], []).append(p)
+
+    def score(ps: list[dict[str, Any]]) -> float:
+        acc = sum(p["val_accuracy"] for p in ps) / len(ps)
+        leak = [p["val_leakage"] for p in ps if p["val_leakage"] == p["val_leakage"]]
+        return acc - (sum(leak) / len(leak) if leak else 0.0)
+
+    chosen = max(by_weight, key=lambda w: score(by_weight[w]))
+    result = {
+        "rule": "lambda maximising mean validation accuracy minus mean validation normalised probe leakage "
+        "(linear probes, off-diagonal pairs), averaged over seeds",
+        "chosen_weight": chosen,
+        "scores": {f"{w:g}": score(ps) for w, ps in by_weight.items()},
+        "points": points,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(result, indent=1))
+    lines = [
+        "| lambda | seeds | val accuracy | val leakage | test accuracy | unseen accuracy | score |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for w, ps in by_weight.items():
+        lines.append(
+            f"| {w:g} | {len(ps)} | {format_mean_std([p['val_accuracy'] for p in ps])} "
+            f"| {format_mean_std([p['val_leakage'] for p in ps])} | {format_mean_std([p['accuracy'] for p in ps])} "
+            f"| {format_mean_std([p.get('unseen_accuracy') for p in ps])} | {score(ps):.3f} |"
+        )
+    lines.append(f"\nChosen lambda: {chosen:g} ({result['rule']}).")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    try:
+        from ._plots import plot_tradeoff
+
+        plot_tradeoff(points, out / "tradeoff.png")
+    except MtdisentError as exc:
+        console.print(f"no trade-off figure: {exc}")
+    console.print("\n".join(lines), markup=False, highlight=False)
+    return 0
+
+
+DEMO_SCALE = 0.125
+
+
+def demo_experiment(weight: float, iterations: int, seed: int = 0) -> Experiment:
+    """The embedded default: the paper's synthetic experiment at 1/8 scale (28 x 40), sized for a CPU in minutes.
+
+    Differences from the public code's settings (``md.preset("paper_synthetic")``): 1/8 of the image size,
+    learning rate 1e-4 instead of 1e-5 and 600 iterations instead of 10,010, 5 adversary steps on the main
+    step's features (``reuse``) instead of 3 on fresh batches. ``examples/shapes_paper.py`` runs the same
+    comparison over several seeds and larger settings.
+    """
     from ._presets import preset
 
-    experiment = preset("paper_synthetic", scale=0.25)
-    console.print("[bold]Embedded default:[/] the paper's synthetic experiment at 1/4 scale (no data downloaded).")
-    _summary(console, experiment)
-    model = build_model(experiment)
-    c, h, w = model.input_shape
-    images = torch.zeros(4, c, h, w)  # two white and two black backgrounds, a gray square on each
-    images[:2] = 1.0
-    images[:, :, h // 3 : 2 * h // 3, w // 3 : 2 * w // 3] = 0.5
-    images = (images - images.mean(dim=(1, 2, 3), keepdim=True)) / images.std(dim=(1, 2, 3), keepdim=True)
-    preds = model.predict(images)
-    feats = model.features(images)
-    for t in model.task_names:
-        console.print(f"task {t}: features {tuple(feats[t].shape)}, untrained predictions {preds[t].tolist()}")
+    e = preset(
+        "paper_synthetic", scale=DEMO_SCALE, data={"name": "shapes", "args": {"scale": DEMO_SCALE, "seed": seed}}
+    )
+    return apply_overrides(
+        e,
+        [
+            f"adversary.weight={weight}",
+            "adversary.features=reuse",
+            "adversary.steps=5",
+            f"training.iterations={iterations}",
+            "training.optimizer.lr=0.0001",
+            "training.adversary_optimizer.lr=0.0001",
+            f"training.checkpoint_every={iterations}",
+            f"seed={seed}",
+            f"name=demo lambda={weight:g}",
+        ],
+    )
+
+
+def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    from ._engine import train
+    from ._evaluate import evaluate
+
+    out = Path(args.out_dir)
+    console.print(
+        "[bold]mtdisent demo:[/] the paper's synthetic experiment (background colour x shape; train has no "
+        "circle on black) at 1/8 scale, full model (lambda = 0.01) against lambda = 0. Nothing is downloaded."
+    )
+    results = {}
+    for weight in (0.01, 0.0):
+        e = demo_experiment(weight, args.iterations, args.seed)
+        run_dir = out / f"lambda_{weight:g}"
+        resume = (run_dir / "checkpoints").is_dir()
+        console.print(f"training lambda = {weight:g} for {args.iterations} iterations into {run_dir}")
+        run = train(e, out_dir=run_dir, resume=resume, quiet=args.quiet)
+        test = evaluate(run, split="test", probes=("linear",))
+        unseen = evaluate(run, split="unseen", probe_data=False)
+        try:
+            test.save(run_dir / "eval-test", figures=True, metrics_file=run_dir / "metrics.jsonl")
+        except MtdisentError as exc:  # matplotlib missing: reports without figures
+            console.print(f"no figures: {exc}")
+            test.save(run_dir / "eval-test")
+        unseen.save(run_dir / "eval-unseen")
+        results[weight] = (test, unseen)
+    table = Table(title=f"demo results ({args.iterations} iterations, seed {args.seed})")
+    for col in ("", "lambda = 0.01 (full model)", "lambda = 0"):
+        table.add_column(col)
+    full, base = results[0.01], results[0.0]
+    for t in full[0].tasks:
+        table.add_row(f"test accuracy, {t}", f"{full[0].accuracy[t]:.3f}", f"{base[0].accuracy[t]:.3f}")
+    table.add_row(
+        "unseen circle/black, shape accuracy", f"{full[1].accuracy['shape']:.3f}", f"{base[1].accuracy['shape']:.3f}"
+    )
+    for pair in full[0].adversary_accuracy:
+        table.add_row(
+            f"trained adversary {pair[0]}->{pair[1]} (test)",
+            f"{full[0].adversary_accuracy[pair]:.3f}",
+            f"{base[0].adversary_accuracy[pair]:.3f}",
+        )
+    for pair, acc in full[0].leakage.items():
+        if pair[0] != pair[1]:
+            table.add_row(
+                f"fresh linear probe {pair[0]}->{pair[1]} (test)", f"{acc:.3f}", f"{base[0].leakage[pair]:.3f}"
+            )
+    console.print(table)
+    console.print(
+        f"Reports (JSON, markdown; PCA, leakage and curve figures) under {out}/lambda_*/eval-*. One seed is one "
+        "draw: the gain on unseen combinations varies with the seed (examples/shapes_paper.py measures several)."
+    )
     return 0
 
 
@@ -152,7 +370,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--device", default=None, help="override training.device (cpu, cuda, auto)")
     p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("demo", help="build the embedded default experiment and run it on a few images")
+    p = sub.add_parser("eval", help="evaluate a run: report.json, report.md and figures in RUN/eval-SPLIT")
+    p.add_argument("run")
+    p.add_argument("--split", default="test")
+    p.add_argument("--which", default="best", choices=["best", "final", "latest"])
+    p.add_argument("--no-probes", action="store_true", help="skip the fresh probes")
+    p.add_argument("--no-figures", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("compare", help="runs side by side, mean ± std over runs that differ only in seed")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--split", default="test")
+    p.add_argument("--unseen-split", default=None, help="also report accuracy on this split (e.g. unseen)")
+    p.add_argument("--out", default=None, help="write compare.md here")
+    p.set_defaults(func=_cmd_compare)
+    p = sub.add_parser("sweep", help="train lambda x seeds, plot the accuracy-leakage trade-off, choose lambda")
+    p.add_argument("spec")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--weights", type=float, nargs="+", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--unseen-split", default=None)
+    p.add_argument("--unseen-task", default=None, help="task whose unseen accuracy is plotted")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_sweep)
+    p = sub.add_parser("demo", help="train and evaluate the embedded default: the paper's synthetic experiment")
+    p.add_argument("--iterations", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="runs/demo")
+    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
     return parser
 

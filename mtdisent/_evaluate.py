@@ -69,6 +69,17 @@ class Report:
     probes: dict[str, dict[str, LeakageMatrix]] = field(default_factory=dict)
     combinations: dict[str, dict[str, Any]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    labels: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    class_names: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
+    def off_diagonal_leakage(self, layer: str = "features", kind: str = "linear") -> float:
+        """Mean normalised probe leakage over pairs i != j (nan where undefined is skipped)."""
+        probe = self._probe(layer, kind)
+        if probe is None:
+            return math.nan
+        vals = [v for (i, j), v in probe.normalised.items() if i != j and not math.isnan(v)]
+        return sum(vals) / len(vals) if vals else math.nan
 
     @property
     def accuracy(self) -> dict[str, float]:
@@ -157,12 +168,31 @@ class Report:
                 lines.append("Cells: probe accuracy (normalised leakage (acc - majority) / (1 - majority)).")
         return "\n".join(lines) + "\n"
 
-    def save(self, directory: str | Path) -> Path:
-        """Write report.json and report.md into ``directory``."""
+    def save(self, directory: str | Path, figures: bool = False, metrics_file: str | Path | None = None) -> Path:
+        """Write report.json and report.md into ``directory``; with ``figures``, also PNGs.
+
+        Figures (matplotlib needed): ``pca.png`` (penultimate embeddings, the paper's Fig. 11 layout),
+        ``leakage_<layer>_<kind>.png`` heatmaps, and ``curves.png`` from ``metrics_file`` when given.
+        """
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(self.to_json(), encoding="utf-8")
         (out / "report.md").write_text(self.to_markdown(), encoding="utf-8")
+        if figures:
+            from ._plots import plot_curves, plot_leakage, plot_pca
+
+            if self.embeddings:
+                plot_pca(self.embeddings, self.labels, self.class_names, out / "pca.png", "penultimate layer, PCA")
+            for layer, kinds in self.probes.items():
+                for kind, matrix in kinds.items():
+                    plot_leakage(
+                        matrix.as_tensor(normalised=True).float(),
+                        matrix.tasks,
+                        out / f"leakage_{layer}_{kind}.png",
+                        f"normalised {kind}-probe leakage, {layer}",
+                    )
+            if metrics_file is not None and Path(metrics_file).is_file():
+                plot_curves(metrics_file, out / "curves.png")
         return out
 
 
@@ -222,7 +252,7 @@ def evaluate(
     which: str = "best",
     batch_size: int = 256,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
 ) -> Report:
     """Evaluate a trained model.
 
@@ -238,11 +268,13 @@ def evaluate(
         which: For a run directory: ``best``, ``final`` or ``latest`` model.
         batch_size: Batch size of the forward passes.
         seed: Seed of the probes.
-        device: Where to run the model.
+        device: Where to run the model: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``...
 
     Returns:
         A :class:`Report`.
     """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model = resolve_model(source, which).to(device)
     tasks = model.task_names
     eval_set = _split(data, model, split, "test")
@@ -258,6 +290,8 @@ def evaluate(
         model, {t: f.to(device) for t, f in feats.items()}, {t: v.to(device) for t, v in labels.items()}
     )
     report = Report(tasks, metrics, adv_acc, adv_maj, info={"n_eval": len(next(iter(labels.values())))})
+    report.labels = labels
+    report.class_names = {t: model.experiment.task(t).class_names for t in tasks}
 
     probe_set = None
     if probe_data is not False:
@@ -273,6 +307,8 @@ def evaluate(
             ev_f = feats
             if layer != "features":
                 ev_f, _ = collect_features(model, eval_set, batch_size=batch_size, layer=layer, device=device)
+            if layer == "penultimate":
+                report.embeddings = ev_f
             report.probes[layer] = {
                 kind: leakage_matrix(tr_f, tr_y, ev_f, labels, n_classes, kind=kind, seed=seed) for kind in probes
             }

@@ -371,7 +371,7 @@ class Experiment(SpecModel):
     """An N-task disentanglement experiment.
 
     Args:
-        tasks: The tasks (at least 2, unique names).
+        tasks: The tasks (unique names); one task builds a single-task baseline network without adversaries.
         backbone: Encoder used by every task without its own ``backbone``.
         input_shape: ``(channels, height, width)`` of the images; may come from a dataset instead.
         head: Classifier head used by every task without its own ``head``.
@@ -409,8 +409,8 @@ class Experiment(SpecModel):
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> Experiment:
         names = [t.name for t in self.tasks]
-        if len(names) < 2:
-            raise ValueError(f"tasks: at least 2 tasks are needed for disentanglement, got {len(names)}")
+        if not names:
+            raise ValueError("tasks: at least 1 task is needed (2 or more to disentangle; 1 is a single-task baseline)")
         seen: dict[str, int] = {}
         for i, n in enumerate(names):
             if n in seen:

@@ -207,3 +207,16 @@ def test_combination_counts_add_up(rows):
     pooled = sum(acc * n for acc, n in per.values())
     mask = (a >= 0) & (b >= 0)
     assert pooled == pytest.approx(float((p[mask] == a[mask]).sum()))
+
+
+def test_mean_std_by_hand():
+    from mtdisent.evaluation import format_mean_std, mean_std
+
+    mean, std, n = mean_std([0.2, 0.4, None, float("nan"), 0.9])
+    assert n == 3 and mean == pytest.approx(0.5)
+    assert std == pytest.approx(math.sqrt(((0.3**2) + (0.1**2) + (0.4**2)) / 2))
+    assert mean_std([0.7]) == (0.7, 0.0, 1)
+    assert math.isnan(mean_std([None])[0])
+    assert format_mean_std([0.2, 0.4]) == "0.300 ± 0.141"
+    assert format_mean_std([]) == "-"
+    assert format_mean_std([0.25, None]) == "0.250"

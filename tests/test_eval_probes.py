@@ -132,15 +132,23 @@ def test_train_probe_rejects_bad_data():
     with pytest.raises(EvaluationError, match=r"features_train: expected a float tensor \(N, D\)"):
         train_probe(x[0], torch.zeros(20, dtype=torch.long), 2)
     with pytest.raises(EvaluationError, match="D=4 features but the probe was trained on D=3"):
-        leakage_matrix({"a": x}, {"a": torch.zeros(20, dtype=torch.long)}, {"a": gaussian(5, 4, 0)},
-                       {"a": torch.zeros(5, dtype=torch.long)}, {"a": 2})
+        leakage_matrix(
+            {"a": x},
+            {"a": torch.zeros(20, dtype=torch.long)},
+            {"a": gaussian(5, 4, 0)},
+            {"a": torch.zeros(5, dtype=torch.long)},
+            {"a": 2},
+        )
 
 
 def three_task_data(n, seed):
     """Task a (2 classes), b (3 classes) and c (2 classes); task t's features encode only its own label."""
     g = torch.Generator().manual_seed(seed)
-    y = {"a": torch.randint(0, 2, (n,), generator=g), "b": torch.randint(0, 3, (n,), generator=g),
-         "c": torch.randint(0, 2, (n,), generator=g)}
+    y = {
+        "a": torch.randint(0, 2, (n,), generator=g),
+        "b": torch.randint(0, 3, (n,), generator=g),
+        "c": torch.randint(0, 2, (n,), generator=g),
+    }
     feats = {}
     for t, d in (("a", 6), ("b", 8), ("c", 5)):
         f = torch.randn(n, d, generator=g)
@@ -259,6 +267,8 @@ def test_collect_features_fast_path_matches_item_path(two_tasks):
     slow, _ = collect_features(model, ItemDataset(10), batch_size=7)
     assert torch.allclose(fast["plane"], slow["plane"], atol=1e-5)
     assert fast_labels["shadow"].tolist() == [-1] * 10  # no labels for the task at all
+    _, item_labels = collect_features(model, TensorDataset(10), use_tensors=False)
+    assert item_labels["shadow"].tolist() == [-1 if i % 3 == 0 else int(TensorDataset(10).shadow[i]) for i in range(10)]
 
 
 def test_collect_features_rejects_bad_layer_and_items(two_tasks):

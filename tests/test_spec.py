@@ -45,9 +45,12 @@ def test_duplicate_task_names():
         make(tasks=[md.Task(name="a", num_classes=2), md.Task(name="a", num_classes=2)])
 
 
-def test_fewer_than_two_tasks():
-    with pytest.raises(md.SpecError, match="at least 2 tasks"):
-        make(tasks=[md.Task(name="a", num_classes=2)])
+def test_no_task_is_refused_and_one_task_is_a_baseline_without_adversaries():
+    with pytest.raises(md.SpecError, match="at least 1 task"):
+        make(tasks=[])
+    single = make(tasks=[md.Task(name="a", num_classes=2)])
+    model = md.build_model(single)
+    assert model.pairs == [] and model.task_names == ["a"]
 
 
 def test_nested_task_error_names_task_and_field():
@@ -212,7 +215,7 @@ def test_load_spec_errors_name_the_file(tmp_path):
     with pytest.raises(md.SpecError, match="does not exist"):
         md.load_spec(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"tasks": [{"name": "a", "num_classes": 2}]}))
+    bad.write_text(json.dumps({"tasks": [{"name": "a", "num_classes": 1}]}))
     with pytest.raises(md.SpecError, match="bad.json"):
         md.load_spec(bad)
     py = tmp_path / "none.py"
@@ -231,6 +234,14 @@ def test_presets():
     assert e.adversary.weight == 0.01 and e.adversary.steps == 3
     assert e.training.optimizer.betas == (0.0, 0.9) and e.training.optimizer.lr == 1e-5
     assert md.preset("paper_synthetic", scale=1.0).input_shape == (1, 224, 288)
+
+
+@pytest.mark.parametrize("scale", [0.125, 0.2, 0.25, 0.3125, 0.5, 1.0])
+def test_paper_synthetic_preset_matches_the_shapes_dataset_size(scale):
+    # 0.125 gives 28 x 36, where half-to-even rounding would disagree with the dataset's half-up rule
+    data = md.datasets.get("shapes")(scale=scale)
+    image, _ = data["test"][0]
+    assert md.preset("paper_synthetic", scale=scale).input_shape == tuple(image.shape)
     us = md.preset("paper_fetal_us")
     assert us.head_for("plane").hidden == [256, 256] and us.head_for("shadow").hidden == [256]
     with pytest.raises(md.UnknownComponentError, match="paper_synthetic"):

@@ -22,7 +22,9 @@ from ._metrics import (
     combination_accuracy,
     combination_summary,
     confusion_matrix,
+    format_mean_std,
     majority_rate,
+    mean_std,
     normalised_leakage,
     per_class_accuracy,
     seen_combinations,
@@ -59,6 +61,8 @@ __all__ = [
     "combination_summary",
     "majority_rate",
     "normalised_leakage",
+    "mean_std",
+    "format_mean_std",
     # probes
     "PROBE_KINDS",
     "LAYERS",

@@ -32,6 +32,8 @@ __all__ = [
     "combination_summary",
     "majority_rate",
     "normalised_leakage",
+    "mean_std",
+    "format_mean_std",
 ]
 
 UNLABELLED = -1
@@ -417,3 +419,26 @@ def normalised_leakage(acc: float, majority: float) -> float:
     if math.isnan(acc) or math.isnan(majority) or majority >= 1.0:
         return math.nan
     return (acc - majority) / (1.0 - majority)
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:
+    """Mean and sample standard deviation (n - 1) of the finite values; ``None`` and ``nan`` are skipped.
+
+    Returns:
+        ``(mean, std, n)`` with ``n`` the number of values used; ``(nan, nan, 0)`` when none is left and a
+        standard deviation of 0.0 for a single value.
+    """
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return math.nan, math.nan, 0
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return mean, std, len(vals)
+
+
+def format_mean_std(values: Iterable[float | None], digits: int = 3) -> str:
+    """``"mean ± std"`` of :func:`mean_std`; the value alone when there is one, ``"-"`` when none is finite."""
+    mean, std, n = mean_std(values)
+    if n == 0:
+        return "-"
+    return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"

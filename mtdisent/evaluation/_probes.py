@@ -134,7 +134,7 @@ class _Adam:
         bc1, bc2 = 1 - self.beta1**self.t, 1 - self.beta2**self.t
         g = list(grads)
         if self.weight_decay:
-            g = torch._foreach_add(g, self.params, alpha=self.weight_decay)
+            g = list(torch._foreach_add(g, self.params, alpha=self.weight_decay))
         torch._foreach_lerp_(self.m, g, 1 - self.beta1)
         torch._foreach_mul_(self.v, self.beta2)
         torch._foreach_addcmul_(self.v, g, g, value=1 - self.beta2)
@@ -181,7 +181,9 @@ def train_probe(
     labelled training rows (stored in the returned :class:`Probe`). Training is Adam on the cross-entropy,
     in minibatches reshuffled each epoch (full batch when ``batch_size`` is ``None`` or at least N), on the
     device of ``features_train``. The weight initialisation and the shuffling are drawn from ``seed`` only,
-    without touching the global random state.
+    without touching the global random state. Small CPU problems (minibatch x D x width below about 8M
+    multiply-adds) train on one thread, the previous thread count restored afterwards: faster, and immune to
+    the stalls multi-threaded tiny ops suffer on a busy machine.
 
     Args:
         features_train: ``(N, D)`` features.
@@ -436,12 +438,15 @@ def collect_features(
     batch_size: int = 256,
     layer: str = "features",
     device: str | torch.device | None = None,
+    *,
+    use_tensors: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Run ``model`` (eval mode, no gradients) over ``dataset`` and gather per-task features and labels.
 
     ``dataset`` follows the data contract (items ``(image (C, H, W), {task: class})``). If it has an
     ``images`` tensor ``(N, C, H, W)`` and a ``labels`` mapping ``{task: LongTensor[N]}`` (as the synthetic
-    datasets do), those are used directly instead of indexing item by item.
+    datasets do), those are used directly instead of indexing item by item; this assumes ``dataset[i]`` is
+    ``(images[i], labels at i)`` (no per-item transform): pass ``use_tensors=False`` otherwise.
 
     Args:
         model: A :class:`~mtdisent.MultiTaskModel` (anything with ``features``/``penultimate`` methods mapping
@@ -451,6 +456,7 @@ def collect_features(
         layer: ``"features"`` (encoder output) or ``"penultimate"`` (the classifiers' last hidden layer).
         device: Where to run the model; default the device of its parameters (CPU if it has none). The
             model is not moved: pass a device it already lives on.
+        use_tensors: Use the dataset's ``images``/``labels`` tensors when it has them.
 
     Returns:
         ``(features, labels)``: ``{task: float (N, D)}`` and ``{task: LongTensor[N]}`` on the CPU, with -1
@@ -476,7 +482,7 @@ def collect_features(
 
     images = getattr(dataset, "images", None)
     stored = getattr(dataset, "labels", None)
-    fast = (
+    fast = use_tensors and (
         isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] == n and isinstance(stored, Mapping)
     )
 

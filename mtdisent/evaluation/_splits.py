@@ -12,6 +12,7 @@ passes; holding out both circle/black and circle/white would leave no circle to 
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -103,16 +104,20 @@ def _normalise_holdout(
         else:
             raise SplitError(
                 f"holdout combination {entry!r}: expected a tuple of values in the order of factors={list(factors)} "
-                "or a dict {factor: value}"
+                "or a dict {factor: value} (a single combination must still be wrapped in a list: [(0, 0)])"
             )
         combo: list[int] = []
         for c, (f, v) in enumerate(zip(factors, raw, strict=True)):
             if isinstance(v, torch.Tensor) and v.numel() == 1:
                 v = v.item()
-            if isinstance(v, bool) or not isinstance(v, int):
+            try:
+                if isinstance(v, bool):
+                    raise TypeError
+                v = operator.index(v)  # ints, numpy integers
+            except TypeError:
                 raise SplitError(
                     f"holdout combination {tuple(raw)}: value {v!r} of factor {f!r} is not an integer class index"
-                )
+                ) from None
             if num_classes is not None and f in num_classes:
                 k = num_classes[f]
                 if not 0 <= v < k:
