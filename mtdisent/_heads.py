@@ -171,9 +171,14 @@ class StackedHeads(nn.Module):
         return logits.masked_fill(self.padding[:, None, :], float("-inf"))
 
     # -- canonical (per-head) state ------------------------------------------------------------------
-    def canonical_items(self, names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name.body.i.weight, tensor)`` pairs exactly as separate MLPHead modules would have them."""
-        for gi, name in enumerate(names):
+    def canonical_items(
+        self, names: Sequence[str], indices: Sequence[int] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name.body.i.weight, tensor)`` pairs exactly as separate MLPHead modules would have them.
+
+        ``names[n]`` is head ``indices[n]`` of the stack (by default head ``n``); the tensors are views.
+        """
+        for gi, name in zip(range(len(names)) if indices is None else indices, names, strict=True):
             k = self.num_classes[gi]
             for layer, (li, bi) in enumerate(_layout(self.spec)):
                 yield f"{name}.body.{li}.weight", self.weights[layer][gi].t()
@@ -188,10 +193,12 @@ class StackedHeads(nn.Module):
             yield f"{name}.out.weight", self.out_weight[gi, :, :k].t()
             yield f"{name}.out.bias", self.out_bias[gi, :k]
 
-    def load_canonical(self, state: dict[str, torch.Tensor], names: Sequence[str]) -> None:
+    def load_canonical(
+        self, state: dict[str, torch.Tensor], names: Sequence[str], indices: Sequence[int] | None = None
+    ) -> None:
         """Copy per-head tensors (as :meth:`canonical_items` names them) into the stacked ones."""
         with torch.no_grad():
-            for key, target in self.canonical_items(names):
+            for key, target in self.canonical_items(names, indices):
                 target.copy_(state[key].to(target.dtype))
 
 
@@ -280,6 +287,24 @@ class HeadGroup(nn.Module):
                     self.where[n] = (si, gi)
         self._views = {n: HeadView(self._stacks[s], g) for n, (s, g) in self.where.items()}
         self._num_classes = {n: h.num_classes for n, h in heads.items()}
+        self._shapes = {n: (h.in_features, specs[n]) for n, h in heads.items()}
+
+    def reinitialise(self, names: Sequence[str], seed: int) -> None:
+        """Give the heads ``names`` fresh weights and BatchNorm statistics, as newly built heads have.
+
+        Deterministic given ``seed``; the other heads are untouched; the global RNG is left as it was.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = {n: MLPHead(self._shapes[n][0], self._num_classes[n], self._shapes[n][1]) for n in names}
+        with torch.no_grad():
+            for name, head in fresh.items():
+                if not self.stacked:
+                    self.separate[name].load_state_dict(head.state_dict())
+                    continue
+                si, gi = self.where[name]
+                state = {f"{name}.{k}": v for k, v in head.state_dict().items()}
+                self._stacks[si].load_canonical(state, [name], [gi])
 
     def __getitem__(self, name: str) -> nn.Module:
         return self.separate[name] if not self.stacked else self._views[name]

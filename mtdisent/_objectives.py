@@ -9,6 +9,11 @@ Adversary logits of all pairs travel together as one padded tensor ``(P, B, K_ma
 for samples unlabelled for that pair's target task. A plugin implements the per-pair
 :meth:`Objective.encoder_term`; the batched :meth:`Objective.encoder_terms` defaults to calling it per pair
 and may be overridden with a vectorised version.
+
+An objective may also penalise dependence directly, without an adversary: :meth:`Objective.feature_terms`
+sees each pair's source features and target labels (an HSIC penalty, for example). One that sets
+``uses_adversaries = False`` is not given adversary logits in the main step at all; the adversaries still
+train in their own steps and then only monitor leakage.
 """
 
 from __future__ import annotations
@@ -64,9 +69,12 @@ class Objective:
     Attributes:
         single_pass: If true, the main step's backward also trains the adversaries (gradient reversal):
             the engine steps the adversary optimiser after the main step as well.
+        uses_adversaries: If false, the main step skips the adversaries (no :meth:`encoder_terms` call);
+            the objective acts through :meth:`feature_terms` alone.
     """
 
     single_pass: ClassVar[bool] = False
+    uses_adversaries: bool = True
 
     def __init__(self, **kwargs: Any) -> None:
         if kwargs:
@@ -112,6 +120,29 @@ class Objective:
             else:
                 terms.append(logits[p].sum() * 0.0)  # keeps the pair's weights in the graph
         return torch.stack(terms)
+
+    def feature_terms(
+        self,
+        features: list[torch.Tensor],
+        targets: torch.Tensor,
+        weights: torch.Tensor,
+        num_classes: list[int],
+        source_targets: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Terms computed from features and labels directly, added to the main loss; ``None`` by default.
+
+        Args:
+            features: P tensors (B, D_p): each pair's source features, with gradient to the encoders.
+            targets: (P, B) labels of each pair's target task, -1 where unlabelled.
+            weights: (P,) lambda times each pair's weight.
+            num_classes: Classes of each pair's target task.
+            source_targets: (P, B) labels of each pair's source task (for conditional penalties), -1 where
+                unlabelled.
+
+        Returns:
+            (P,) terms, already weighted, or ``None``.
+        """
+        return None
 
     def adversary_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """What the adversaries minimise: (P, B, K_max), (P, B) -> (P,) cross-entropy per pair."""

@@ -267,15 +267,25 @@ class Pair(SpecModel):
 
 
 class AdversaryPair(NamedTuple):
-    """An enabled adversary: predicts ``target`` from ``source``'s features, weighted by ``weight``."""
+    """An adversary: predicts ``target`` from ``source``'s features, weighted by ``weight``.
+
+    With an ensemble (``adversary.ensemble`` > 1) every ordered pair has several members, numbered by
+    ``member``; each carries the pair's weight divided by the ensemble size, so lambda keeps its meaning.
+    """
 
     source: str
     target: str
     weight: float
+    member: int = 0
 
     @property
     def key(self) -> str:
-        """Key of this adversary in the model's ``adversaries`` ModuleDict."""
+        """Key of this adversary in the model's ``adversaries``: ``"a->b"``, or ``"a->b#m"`` for member m > 0."""
+        return self.pair_key if self.member == 0 else f"{self.pair_key}#{self.member}"
+
+    @property
+    def pair_key(self) -> str:
+        """``"source->target"`` whatever the member."""
         return f"{self.source}->{self.target}"
 
 
@@ -291,6 +301,11 @@ class AdversarySpec(SpecModel):
         head: Head of every adversary.
         schedule: How lambda ramps up: constant, linear warm-up or DANN's sigmoid ramp.
         warmup: Iterations over which the schedule ramps from 0 to ``weight``.
+        ensemble: Adversaries per ordered pair, each initialised differently; the encoders oppose all of
+            them (each weighted ``weight / ensemble``), so hiding from one adversary is not enough.
+        reinit_every: Every this many iterations re-initialise adversaries from fresh random weights and
+            restart their optimiser: one ensemble member per pair in turn (all of them when ``ensemble`` is 1).
+            A new adversary finds whatever the features still carry; 0 never re-initialises.
     """
 
     objective: Component = Field(default_factory=lambda: Component(name="minmax"))
@@ -300,6 +315,8 @@ class AdversarySpec(SpecModel):
     head: HeadSpec = Field(default_factory=HeadSpec)
     schedule: Literal["constant", "linear", "sigmoid"] = "constant"
     warmup: int = Field(default=0, ge=0)
+    ensemble: int = Field(default=1, ge=1, le=32)
+    reinit_every: int = Field(default=0, ge=0)
 
 
 class OptimizerSpec(SpecModel):
@@ -345,6 +362,10 @@ class TrainingSpec(SpecModel):
         log_every: Write a line to metrics.jsonl every this many iterations.
         train_split: Split of the data used for training.
         val_split: Split used to select the best checkpoint (skipped when the data has none).
+        leakage_limit: Model selection under a leakage limit: at each validation, fresh linear probes read
+            every adversary pair's target task from its source task's validation features (two-fold
+            cross-fitting, normalised: 0 at the majority rate, 1 perfect); a checkpoint can be "best" only
+            if the largest of these is at most the limit. ``None`` selects on validation accuracy alone.
         tensorboard: Also log to TensorBoard when it is installed.
     """
 
@@ -364,6 +385,7 @@ class TrainingSpec(SpecModel):
     log_every: int = Field(default=10, ge=1)
     train_split: str = "train"
     val_split: str = "val"
+    leakage_limit: float | None = Field(default=None, ge=0.0, le=1.0)
     tensorboard: bool = False
 
 
@@ -459,9 +481,12 @@ class Experiment(SpecModel):
         return self.task(name).backbone or self.backbone
 
     def adversary_pairs(self) -> list[AdversaryPair]:
-        """Enabled adversaries in task order: every ordered pair unless switched off, with per-pair weights."""
+        """Enabled adversaries in task order: every ordered pair unless switched off, with per-pair weights.
+
+        With ``adversary.ensemble`` = M each pair appears M times in a row (members 0..M-1), weight / M each.
+        """
         overrides = {(p.source, p.target): p for p in self.pairs}
-        out = []
+        out: list[AdversaryPair] = []
         for src in self.task_names:
             for tgt in self.task_names:
                 if src == tgt:
@@ -469,7 +494,8 @@ class Experiment(SpecModel):
                 p = overrides.get((src, tgt))
                 enabled = p.enabled if p is not None else self.all_pairs
                 if enabled:
-                    out.append(AdversaryPair(src, tgt, p.weight if p is not None else 1.0))
+                    weight = (p.weight if p is not None else 1.0) / self.adversary.ensemble
+                    out.extend(AdversaryPair(src, tgt, weight, m) for m in range(self.adversary.ensemble))
         return out
 
 

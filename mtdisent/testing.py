@@ -95,15 +95,16 @@ def check_objective(
     args: dict[str, Any] | None = None,
     num_classes: tuple[int, ...] = (3, 2, 4),
     feature_dim: int = 8,
-    batch_size: int = 6,
+    batch_size: int = 12,
     seed: int = 0,
 ) -> Objective:
     """Check the objective contract.
 
-    Per pair: ``encoder_term`` is a finite scalar with a gradient to the features (through
-    ``adversary_input``). Batched: ``encoder_terms`` over padded logits of pairs with different class counts
-    and partly unlabelled targets gives (P,) finite terms equal to the per-pair reference, and
-    ``adversary_loss`` gives (P,) finite losses with a gradient to every adversary weight.
+    Per pair: ``encoder_term`` is a finite scalar. Batched: ``encoder_terms`` over padded logits of pairs with
+    different class counts and partly unlabelled targets gives (P,) finite terms equal to the per-pair
+    reference; ``feature_terms``, when the objective has them, gives (P,) finite terms, 0 for a pair without
+    labelled samples; together the terms the main step uses give the features a gradient (through
+    ``adversary_input``); ``adversary_loss`` gives (P,) finite losses with a gradient to every adversary weight.
 
     Args:
         name: Registered objective name, or the objective class itself.
@@ -145,7 +146,20 @@ def check_objective(
         f"{label}: encoder_terms {terms.tolist()} differ from the per-pair encoder_term {reference.tolist()}"
     )
     assert float(terms[-1].detach()) == 0.0, f"{label}: a pair without labelled samples must contribute 0"
-    terms.sum().backward()
+    own = torch.stack([torch.arange(batch_size) % 2 for _ in num_classes])  # (P, B) the sources' own labels
+    direct = objective.feature_terms([z[i] for i in range(p)], targets, weights, list(num_classes), own)
+    assert objective.uses_adversaries or direct is not None, (
+        f"{label}: uses_adversaries is False and feature_terms returns None: the objective does nothing"
+    )
+    total = terms if objective.uses_adversaries else torch.zeros(p)
+    if direct is not None:
+        assert isinstance(direct, torch.Tensor) and direct.shape == (p,), (
+            f"{label}: feature_terms must return one term per pair, got {getattr(direct, 'shape', direct)}"
+        )
+        _finite(direct, f"{label} feature_terms")
+        assert float(direct[-1].detach()) == 0.0, f"{label}: feature_terms of a pair without labels must be 0"
+        total = total + direct
+    total.sum().backward()
     assert z.grad is not None and z.grad[:-1].abs().sum() > 0, f"{label}: encoder terms give no gradient to features"
     _finite(z.grad, f"{label} feature gradient")
     for h in heads:

@@ -38,6 +38,8 @@ from .._model import MultiTaskModel, build_model, check_kwargs
 from .._objectives import Objective
 from .._registry import objectives
 from .._spec import Experiment, OptimizerSpec
+from ..evaluation._metrics import majority_rate, normalised_leakage
+from ..evaluation._probes import probe_accuracy, train_probe
 from ._checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -368,10 +370,19 @@ class Trainer:
             pair_terms = None
             if model.pairs and (lam > 0 or single):
                 weights = torch.tensor([lam * p.weight for p in model.pairs], device=x.device)  # (P,)
-                net = self.adv_net if single else self.adv_plain  # no gradient sync for frozen adversaries
-                adv_logits = net(feats, self.objective.adversary_input, weights)  # (P, B, K_max)
-                pair_terms = self.objective.encoder_terms(adv_logits, self._targets(y), weights, self.pair_classes)
-                terms["adversaries"] = pair_terms.sum()
+                targets, parts = self._targets(y), []  # (P, B), P-vectors of terms
+                if self.objective.uses_adversaries:
+                    net = self.adv_net if single else self.adv_plain  # no gradient sync for frozen adversaries
+                    adv_logits = net(feats, self.objective.adversary_input, weights)  # (P, B, K_max)
+                    parts.append(self.objective.encoder_terms(adv_logits, targets, weights, self.pair_classes))
+                sources = [feats[p.source] for p in model.pairs]  # P x (B, D)
+                own = torch.stack([y[p.source] for p in model.pairs])  # (P, B) the sources' own labels
+                direct = self.objective.feature_terms(sources, targets, weights, self.pair_classes, own)
+                if direct is not None:
+                    parts.append(direct)
+                if parts:
+                    pair_terms = torch.stack(parts).sum(0)  # (P,)
+                    terms["adversaries"] = pair_terms.sum()
         self._check_finite(terms, "main", pair_terms)
         self.main_opt.zero_grad(set_to_none=True)
         if single and self.adv_opt is not None:
@@ -420,12 +431,28 @@ class Trainer:
         accuracy = (correct / counts.clamp(min=1)).tolist()
         return {f"adv_acc/{p.key}": a for p, a, c in zip(model.pairs, accuracy, counts.tolist(), strict=True) if c}
 
+    def reinitialise_adversaries(self) -> int:
+        """Fresh weights for one ensemble member of every pair (round robin) and a restarted adversary optimiser.
+
+        Called every ``adversary.reinit_every`` iterations; deterministic given the seed and the iteration, so
+        resumed runs re-initialise exactly as uninterrupted ones. Returns the member re-initialised.
+        """
+        adv = self.experiment.adversary
+        member = (self.iteration // adv.reinit_every - 1) % adv.ensemble
+        names = [p.key for p in self.model.pairs if p.member == member]
+        self.model.adversaries.reinitialise(names, seed=self.experiment.seed * 1_000_003 + self.iteration)
+        if self.adv_opt is not None:
+            self.adv_opt.state.clear()  # momentum / Adam moments of the old weights do not fit the new ones
+        return member
+
     def iterate(self) -> dict[str, float]:
         """One iteration: a main step, then ``adversary.steps`` adversary steps."""
         adv, tr = self.experiment.adversary, self.experiment.training
         lam = adv.weight * lambda_schedule(adv.schedule, self.iteration, adv.warmup, tr.iterations)
         t0 = time.perf_counter()
         metrics, feats, y = self.main_step(lam)
+        if adv.reinit_every and self.iteration and self.iteration % adv.reinit_every == 0 and self.model.pairs:
+            metrics["adv_reinit"] = self.reinitialise_adversaries()  # then trained by this iteration's steps
         t1 = time.perf_counter()
         if self.adv_opt is not None:
             reuse = adv.features == "reuse"
@@ -445,25 +472,57 @@ class Trainer:
         if self.val_batches is None:
             return None
         model, vb = self.model, self.val_batches
+        limit = self.experiment.training.leakage_limit
         correct = {t: 0 for t in model.task_names}
         total = {t: 0 for t in model.task_names}
+        kept: dict[str, list[torch.Tensor]] = {t: [] for t in model.task_names}  # features, for leakage probes
+        labels: dict[str, list[torch.Tensor]] = {t: [] for t in model.task_names}
         was = model.training
         model.eval()
         try:
             for start in range(0, vb.n, 256):
                 x, y = vb.get(torch.arange(start, min(start + 256, vb.n)))
                 with self.autocast():
-                    logits = model.classify(self.encode(x.to(self.device)))
+                    feats = self.encode(x.to(self.device))
+                    logits = model.classify(feats)
                 for t in model.task_names:
                     yt = y[t].to(self.device)
                     m = yt >= 0
                     correct[t] += int((logits[t][m].argmax(-1) == yt[m]).sum())
                     total[t] += int(m.sum())
+                    if limit is not None:
+                        kept[t].append(feats[t].float().cpu())
+                        labels[t].append(y[t])
         finally:
             model.train(was)
         out = {f"val_acc/{t}": correct[t] / total[t] for t in model.task_names if total[t]}
         out["val_score"] = sum(out.values()) / max(len(out), 1)
+        if limit is not None and model.pairs:
+            leak = validation_leakage(
+                {t: torch.cat(v) for t, v in kept.items()},
+                {t: torch.cat(v) for t, v in labels.items()},
+                [(p.source, p.target, self.experiment.task(p.target).n_classes) for p in model.pairs if p.member == 0],
+                seed=self.experiment.seed,
+            )
+            out.update({f"val_leakage/{k}": v for k, v in leak.items()})
+            out["val_leakage"] = max(leak.values(), default=0.0)
         return out
+
+    def is_better(self, val: dict[str, Any]) -> bool:
+        """Whether validation metrics ``val`` beat the best so far.
+
+        Without ``training.leakage_limit``: higher ``val_score``. With it, a checkpoint within the limit beats
+        one outside it; two within it compare by ``val_score``; two outside it by lower ``val_leakage``.
+        """
+        best, limit = self.best, self.experiment.training.leakage_limit
+        if best is None:
+            return True
+        if limit is None or "val_leakage" not in val:
+            return bool(val["val_score"] > best["val_score"])
+        ok, best_ok = val["val_leakage"] <= limit, best.get("val_leakage", math.inf) <= limit
+        if ok != best_ok:
+            return ok
+        return bool(val["val_score"] > best["val_score"]) if ok else bool(val["val_leakage"] < best["val_leakage"])
 
     # -- checkpoint state ----------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -522,6 +581,45 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.iteration = int(state["iteration"])
         self.best = state.get("best")
+
+
+def validation_leakage(
+    features: dict[str, torch.Tensor],
+    labels: dict[str, torch.Tensor],
+    pairs: list[tuple[str, str, int]],
+    seed: int = 0,
+) -> dict[str, float]:
+    """Normalised fresh linear-probe leakage per pair on one split, by two-fold cross-fitting.
+
+    The samples are split in two halves at random (from ``seed``); a linear probe trained on one half is
+    scored on the other and the other way round; the mean accuracy is normalised against the target's
+    majority rate: 0 at the majority rate, 1 when the probe is perfect.
+
+    Args:
+        features: ``{task: (N, D)}`` features.
+        labels: ``{task: LongTensor[N]}``, -1 where unlabelled.
+        pairs: ``(source, target, target classes)`` to probe.
+        seed: Seed of the split and the probes.
+
+    Returns:
+        ``{"source->target": leakage}``; pairs whose target is constant or unlabelled are left out.
+    """
+    n = len(next(iter(labels.values())))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 104729))
+    halves = (order[: n // 2], order[n // 2 :])
+    out = {}
+    for source, target, k in pairs:
+        y, z = labels[target], features[source]
+        accs = []
+        for fit, score in (halves, halves[::-1]):
+            if int((y[fit] >= 0).sum()) < 2 or int((y[score] >= 0).sum()) < 1:
+                continue
+            probe = train_probe(z[fit], y[fit], k, "linear", seed=seed)
+            accs.append(probe_accuracy(probe, z[score], y[score]))
+        value = normalised_leakage(sum(accs) / len(accs), majority_rate(y, k)) if accs else math.nan
+        if not math.isnan(value):
+            out[f"{source}->{target}"] = value
+    return out
 
 
 def _first_shape(dataset: Any) -> tuple[int, int, int]:
@@ -644,7 +742,7 @@ def _train(
                     val = trainer.validate()
                     if val is not None:
                         metrics.update(val)
-                        if trainer.best is None or val["val_score"] > trainer.best["val_score"]:
+                        if trainer.is_better(val):
                             trainer.best = {"iteration": it, **val}
                             if files is not None:
                                 tensors, state = trainer.state()
