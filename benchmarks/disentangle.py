@@ -1,6 +1,6 @@
 """Does the disentanglement hold? Objectives x seeds on ``shapes``: seen and unseen accuracy, leakage by probes.
 
-    python benchmarks/disentangle.py                    # CPU: scale 1/8, 600 iterations, 5 seeds, 5 methods
+    python benchmarks/disentangle.py                    # CPU: scale 1/8, 600 iterations, 5 seeds, 7 methods
     python benchmarks/disentangle.py --methods minmax hsic --seeds 0 1 --iterations 300
     python benchmarks/disentangle.py --scale 0.25 --iterations 2000 --device cuda
 
@@ -40,6 +40,14 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
         "min-max, 3 adversaries per pair, one re-initialised every 100 iterations",
         {"adversary": {"weight": 0.01, "ensemble": 3, "reinit_every": 100}},
     ),
+    "conditional": (
+        "min-max, lambda = 0.01, conditional adversaries (they also see the source task's own label)",
+        {"adversary": {"weight": 0.01, "conditional": True}},
+    ),
+    "conditional_ensemble": (
+        "conditional min-max, 3 adversaries per pair, one re-initialised every 100 iterations",
+        {"adversary": {"weight": 0.01, "conditional": True, "ensemble": 3, "reinit_every": 100}},
+    ),
     "hsic": (
         "conditional HSIC penalty alone (no adversary term), lambda = 1",
         {"adversary": {"weight": 1.0, "objective": {"name": "hsic"}}},
@@ -63,7 +71,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 
-DEFAULT = ["lambda0", "minmax", "minmax_ensemble", "hsic", "hsic_strong"]
+DEFAULT = ["lambda0", "minmax", "minmax_ensemble", "conditional", "conditional_ensemble", "hsic", "hsic_strong"]
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -175,12 +183,19 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "disentangle"))
+    p.add_argument("--append", action="store_true", help="keep the rows of an earlier results.json in --out")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    if args.append and (out / "results.json").exists():  # keep earlier rows; rerun only what is missing
+        rows = json.loads((out / "results.json").read_text())["rows"]
+    done = {(r["method"], r["seed"]) for r in rows}
+    settings = {k: v for k, v in vars(args).items() if k not in {"out", "append", "methods"}}
     for method in args.methods:
         for seed in args.seeds:
+            if (method, seed) in done:
+                continue
             row = run_one(args, method, seed)
             rows.append(row)
             print(
@@ -188,14 +203,14 @@ def main() -> None:
                 f"linear leak {row['linear_leakage']['shape->background']:.2f}, {row['train_seconds']:.0f} s",
                 flush=True,
             )
-            settings = {k: v for k, v in vars(args).items() if k != "out"}
             (out / "results.json").write_text(
                 json.dumps({"settings": settings, "machine": md.machine_info(), "rows": rows}, indent=1)
             )
-    md_table = table(rows, args.methods)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    md_table = table(rows, methods)
     header = f"# disentangle\n\nSettings: {json.dumps(settings)}\n\nMachine: {json.dumps(md.machine_info())}\n\n"
     (out / "results.md").write_text(header + md_table)
-    figure(rows, args.methods, out / "results.png")
+    figure(rows, methods, out / "results.png")
     print(md_table)
 
 

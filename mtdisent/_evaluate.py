@@ -228,7 +228,7 @@ def _adversary_accuracy(
     was = model.training
     model.eval()
     try:
-        logits = model.adversary_logits(feats)  # (P, B, K_max)
+        logits = model.adversary_logits(feats, labels=labels)  # (P, B, K_max)
     finally:
         model.train(was)
     acc: dict[tuple[str, str], float] = {}

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._errors import ComponentError, MtdisentError, SpecError, did_you_mean
@@ -123,8 +124,14 @@ class MultiTaskModel(nn.Module):
             self.encoders[task.name] = encoder
             self.feature_sizes[task.name] = sizes[key]
             classifiers[task.name] = MLPHead(sizes[key], task.n_classes, experiment.head_for(task.name))
+        self.conditional = experiment.adversary.conditional
+        extra = {t.name: t.n_classes if self.conditional else 0 for t in experiment.tasks}  # one-hot own label
         adversaries = {
-            p.key: MLPHead(self.feature_sizes[p.source], experiment.task(p.target).n_classes, experiment.adversary.head)
+            p.key: MLPHead(
+                self.feature_sizes[p.source] + extra[p.source],
+                experiment.task(p.target).n_classes,
+                experiment.adversary.head,
+            )
             for p in self.pairs
         }
         stacked = experiment.execution.heads in {"auto", "stacked"}
@@ -171,37 +178,67 @@ class MultiTaskModel(nn.Module):
         """``{task: (B, D)}`` -> ``{task: (B, classes)}`` logits."""
         return self.classifiers.run(features)
 
-    def stack_adversary_inputs(self, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """(P, B, D) source features of every pair, when all sources share D (else ``None``)."""
-        if not self.pairs or len({self.feature_sizes[p.source] for p in self.pairs}) != 1:
+    def adversary_inputs(
+        self, features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """What each adversary reads, in ``self.pairs`` order: P tensors (B, D_source).
+
+        With conditional adversaries (``adversary.conditional``) the source task's one-hot label is appended,
+        (B, D + K_source), zeros where the label is -1.
+        """
+        if not self.conditional:
+            return [features[p.source] for p in self.pairs]
+        if labels is None:
+            raise MtdisentError(
+                "conditional adversaries (adversary.conditional=true) read each source task's label: pass labels"
+            )
+        onehot = {}
+        for t in {p.source for p in self.pairs}:
+            y = labels[t]
+            k = self.experiment.task(t).n_classes
+            onehot[t] = F.one_hot(y.clamp(min=0), k).to(features[t].dtype) * (y >= 0)[:, None]  # (B, K)
+        return [torch.cat([features[p.source], onehot[p.source]], dim=1) for p in self.pairs]
+
+    def stack_adversary_inputs(
+        self, features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
+        """(P, B, D) inputs of every adversary (see :meth:`adversary_inputs`) when all share D (else ``None``)."""
+        if not self.pairs:
             return None
-        return torch.stack([features[p.source] for p in self.pairs])
+        inputs = self.adversary_inputs(features, labels)
+        if len({x.shape[1] for x in inputs}) != 1:
+            return None
+        return torch.stack(inputs)
 
     def adversary_logits(
         self,
         features: dict[str, torch.Tensor] | torch.Tensor,
         transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         weights: torch.Tensor | None = None,
+        labels: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """All adversaries at once: ``{task: (B, D)}`` -> (P, B, K_max) logits in ``self.pairs`` order.
 
         ``features`` may also be the output of :meth:`stack_adversary_inputs`. Pair p's logits past its
         target's classes are ``-inf``. ``transform(x, w)`` (an objective's ``adversary_input``) is applied to
-        the (P, B, D) stacked inputs with ``weights`` (P,) reshaped to (P, 1, 1) first.
+        the (P, B, D) stacked inputs with ``weights`` (P,) reshaped to (P, 1, 1) first. ``labels``
+        (``{task: (B,)}``) condition conditional adversaries.
         """
         if isinstance(features, torch.Tensor):
             return self.adversaries.run_padded(features, transform, weights)
-        inputs = [features[p.source] for p in self.pairs]  # P x (B, D)
-        return self.adversaries.run_padded(inputs, transform, weights)
+        return self.adversaries.run_padded(self.adversary_inputs(features, labels), transform, weights)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         """(B, C, H, W) -> features, classifier logits and adversary logits."""
         features = self.encode(x)
+        logits = self.classify(features)
         adv: dict[str, torch.Tensor] = {}
         if self.pairs:
-            padded = self.adversary_logits(features)  # (P, B, K_max)
+            # conditional adversaries are given the classifiers' predictions in place of labels
+            predicted = {t: v.detach().argmax(-1) for t, v in logits.items()} if self.conditional else None
+            padded = self.adversary_logits(features, labels=predicted)  # (P, B, K_max)
             adv = {p.key: padded[i, :, :k] for i, (p, k) in enumerate(zip(self.pairs, self.pair_classes, strict=True))}
-        return ModelOutput(features, self.classify(features), adv)
+        return ModelOutput(features, logits, adv)
 
     def _inference(self, fn: Any, x: torch.Tensor) -> Any:
         was_training = self.training

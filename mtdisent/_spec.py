@@ -306,6 +306,11 @@ class AdversarySpec(SpecModel):
         reinit_every: Every this many iterations re-initialise adversaries from fresh random weights and
             restart their optimiser: one ensemble member per pair in turn (all of them when ``ensemble`` is 1).
             A new adversary finds whatever the features still carry; 0 never re-initialises.
+        conditional: Give each adversary its source task's own label (one-hot, zeros where unlabelled) next
+            to the features, so it can only gain from what the features carry *beyond* their own task
+            (equalised-odds style). With correlated factors (circles only on white) an adversary reading the
+            background from perfect shape features succeeds through the shape alone; a conditional one does
+            not, so the encoders are not pushed to forget their own task.
     """
 
     objective: Component = Field(default_factory=lambda: Component(name="minmax"))
@@ -317,6 +322,7 @@ class AdversarySpec(SpecModel):
     warmup: int = Field(default=0, ge=0)
     ensemble: int = Field(default=1, ge=1, le=32)
     reinit_every: int = Field(default=0, ge=0)
+    conditional: bool = False
 
 
 class OptimizerSpec(SpecModel):

@@ -230,3 +230,53 @@ def test_validate_reports_leakage_per_pair_when_a_limit_is_set():
     assert run.best["val_leakage"] == max(
         run.best["val_leakage/shape->background"], run.best["val_leakage/background->shape"]
     )
+
+
+# -- conditional adversaries ---------------------------------------------------------------------------
+def test_conditional_adversaries_read_features_and_the_sources_own_label():
+    e = md.Experiment(
+        tasks=[{"name": "a", "num_classes": 3}, {"name": "b", "num_classes": 2}],
+        input_shape=(1, 16, 16),
+        backbone=TINY,
+        head={"hidden": [8]},
+        adversary={"conditional": True, "head": {"hidden": [8]}},
+    )
+    model = md.build_model(e)
+    d = model.feature_sizes["a"]
+    assert model.adversaries["a->b"].in_features == d + 3 and model.adversaries["b->a"].in_features == d + 2
+    feats = {"a": torch.zeros(4, d), "b": torch.zeros(4, d)}
+    labels = {"a": torch.tensor([0, 2, -1, 1]), "b": torch.tensor([1, 0, 1, -1])}
+    inputs = model.adversary_inputs(feats, labels)
+    assert torch.equal(inputs[0][:, d:], torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 0, 0], [0, 1, 0]]))  # a's label
+    assert torch.equal(inputs[1][:, d:], torch.tensor([[0.0, 1], [1, 0], [0, 1], [0, 0]]))  # b's; -1 -> zeros
+    assert model.stack_adversary_inputs(feats, labels) is None  # different widths: no single stack
+    with pytest.raises(md.MtdisentError, match="pass labels"):
+        model.adversary_logits(feats)
+    out = model(torch.randn(4, 1, 16, 16))  # forward conditions on the classifiers' predictions
+    assert out.adversary_logits["a->b"].shape == (4, 2) and out.adversary_logits["b->a"].shape == (4, 3)
+
+
+def test_a_conditional_adversary_gains_nothing_from_labels_the_features_do_not_carry():
+    """Labels alone decide the logits when the features are constant: the label is really an input."""
+    e = md.Experiment(
+        tasks=[{"name": "a", "num_classes": 2}, {"name": "b", "num_classes": 2}],
+        input_shape=(1, 16, 16),
+        backbone=TINY,
+        adversary={"conditional": True, "head": {"hidden": [8], "batchnorm": False}},
+    )
+    model = md.build_model(e).eval()
+    d = model.feature_sizes["a"]
+    feats = {"a": torch.zeros(2, d), "b": torch.zeros(2, d)}
+    logits = model.adversary_logits(feats, labels={"a": torch.tensor([0, 1]), "b": torch.tensor([0, 1])})
+    assert not torch.allclose(logits[0, 0], logits[0, 1])
+
+
+@pytest.mark.parametrize("heads", ["stacked", "separate"])
+def test_conditional_adversaries_train_with_reused_and_fresh_features(heads):
+    for features in ("reuse", "fresh"):
+        e = experiment(conditional=True, features=features, training={"iterations": 3})
+        e = e.model_copy(update={"execution": md.ExecutionSpec(heads=heads)})
+        run = md.train(e, quiet=True)
+        assert all(math.isfinite(h["loss/main"]) for h in run.history)
+        report = md.evaluate(run, split="test", probe_data=False, device="cpu")
+        assert set(report.adversary_accuracy) == {("shape", "background"), ("background", "shape")}

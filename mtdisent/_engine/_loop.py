@@ -239,10 +239,14 @@ class _AdvNet(nn.Module):
         self._logits = model.adversary_logits
 
     def forward(
-        self, feats: dict[str, torch.Tensor] | torch.Tensor, transform: Any, weights: torch.Tensor | None
+        self,
+        feats: dict[str, torch.Tensor] | torch.Tensor,
+        transform: Any,
+        weights: torch.Tensor | None,
+        labels: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         inputs = feats.float() if isinstance(feats, torch.Tensor) else {k: v.float() for k, v in feats.items()}
-        return self._logits(inputs, transform, weights)  # (P, B, K_max)
+        return self._logits(inputs, transform, weights, labels)  # (P, B, K_max)
 
 
 class Trainer:
@@ -373,7 +377,7 @@ class Trainer:
                 targets, parts = self._targets(y), []  # (P, B), P-vectors of terms
                 if self.objective.uses_adversaries:
                     net = self.adv_net if single else self.adv_plain  # no gradient sync for frozen adversaries
-                    adv_logits = net(feats, self.objective.adversary_input, weights)  # (P, B, K_max)
+                    adv_logits = net(feats, self.objective.adversary_input, weights, y)  # (P, B, K_max)
                     parts.append(self.objective.encoder_terms(adv_logits, targets, weights, self.pair_classes))
                 sources = [feats[p.source] for p in model.pairs]  # P x (B, D)
                 own = torch.stack([y[p.source] for p in model.pairs])  # (P, B) the sources' own labels
@@ -416,7 +420,7 @@ class Trainer:
                 feats = self.encode(x)
         targets = self._targets(y)  # (P, B)
         with self.autocast():
-            logits = self.adv_net(feats, None, None).float()  # (P, B, K_max)
+            logits = self.adv_net(feats, None, None, y).float()  # (P, B, K_max)
         pair_losses = self.objective.adversary_loss(logits, targets)  # (P,)
         terms = {"adversaries": pair_losses.sum()}
         self._check_finite(terms, "adversary", pair_losses)
@@ -457,7 +461,7 @@ class Trainer:
         if self.adv_opt is not None:
             reuse = adv.features == "reuse"
             # reused features: stack the adversaries' inputs once for all k steps
-            stacked = self.model.stack_adversary_inputs(feats) if reuse and adv.steps > 1 else None
+            stacked = self.model.stack_adversary_inputs(feats, y) if reuse and adv.steps > 1 else None
             inputs = stacked if stacked is not None else feats
             for _ in range(adv.steps):
                 metrics.update(self.adversary_step(inputs if reuse else None, y if reuse else None))
