@@ -37,6 +37,10 @@ def _paper_synthetic(scale: float = 0.25, **overrides: Any) -> Experiment:
             "steps": 3,
             "features": "fresh",
             "head": {"hidden": [256]},
+            # the paper's single, unconditional adversary per pair (the library's defaults differ)
+            "ensemble": 1,
+            "reinit_every": 0,
+            "conditional": False,
         },
         "training": {
             "iterations": 10010,

@@ -100,4 +100,5 @@ def test_three_tasks_on_timm_two_on_dltk():
     m3 = md.build_model(e3)
     p = m3.predict(torch.randn(2, 3, 32, 32))
     assert {k: v.shape for k, v in p.items()} == {"plane": (2,), "shadow": (2,), "machine": (2,)}
-    assert len(m3.adversaries) == 6
+    ensemble = e3.adversary.ensemble
+    assert len({p.pair_key for p in m3.pairs}) == 6 and len(m3.adversaries) == 6 * ensemble

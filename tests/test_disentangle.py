@@ -61,7 +61,7 @@ def test_ensemble_expands_every_enabled_pair_into_m_members_sharing_its_weight(n
 
 
 def test_ensemble_members_start_different_and_are_all_opposed():
-    model = md.build_model(experiment(ensemble=3), (1, 28, 36))
+    model = md.build_model(experiment(ensemble=3, conditional=False), (1, 28, 36))
     a, b = model.adversaries["shape->background"], model.adversaries["shape->background#1"]
     z = torch.randn(5, model.feature_sizes["shape"])
     model.eval()
@@ -239,7 +239,7 @@ def test_conditional_adversaries_read_features_and_the_sources_own_label():
         input_shape=(1, 16, 16),
         backbone=TINY,
         head={"hidden": [8]},
-        adversary={"conditional": True, "head": {"hidden": [8]}},
+        adversary={"conditional": True, "ensemble": 1, "head": {"hidden": [8]}},
     )
     model = md.build_model(e)
     d = model.feature_sizes["a"]

@@ -76,7 +76,7 @@ def test_encoder_update_opposes_the_adversary(objective):
     # the encoder gradient decides whether the adversary's loss goes up (minmax, reversal) or its
     # prediction moves toward uniform (confusion). A sign error fails this test.
     tr = trainer_for(
-        adversary={"objective": objective, "steps": 0},
+        adversary={"objective": objective, "steps": 0, "ensemble": 1, "conditional": False},  # one plain adversary
         tasks=[md.Task(name="a", num_classes=2, loss_weight=0), md.Task(name="b", num_classes=3, loss_weight=0)],
         pairs=[md.Pair(source="b", target="a", enabled=False)],
         training={
@@ -245,7 +245,9 @@ def test_non_finite_loss_stops_naming_iteration_and_term(tmp_path):
 
     md.register("objective", "test_nan_later", NanLater)
     try:
-        e = toy_experiment(adversary={"objective": "test_nan_later"}, training={"iterations": 6, "checkpoint_every": 2})
+        e = toy_experiment(
+            adversary={"objective": "test_nan_later", "ensemble": 1}, training={"iterations": 6, "checkpoint_every": 2}
+        )
         with pytest.raises(md.TrainingError, match=r"iteration 4, main step: loss terms? 'adv/a->b'.* not finite"):
             md.train(e, data=ToyDataset(), out_dir=tmp_path, quiet=True)
     finally:

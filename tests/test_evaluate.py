@@ -60,16 +60,17 @@ def test_report_numbers_match_the_model_computed_by_hand(run):
     with torch.no_grad():
         preds = model.predict(x)
         feats = model.features(x)
-        adv = model.adversary_logits(feats)
+        adv = model.adversary_logits(feats, labels={"a": data["test"].a, "b": data["test"].b})
     for t, y in (("a", data["test"].a), ("b", data["test"].b)):
         assert report.accuracy[t] == pytest.approx(_by_hand_accuracy(preds[t], y))
         cm = report.metrics[t].confusion
         assert int(torch.as_tensor(cm).sum()) == len(y)
+    by_hand = {}  # an ensemble's accuracy is its best member's
     for p, pair in enumerate(model.pairs):
         y = getattr(data["test"], pair.target)
-        assert report.adversary_accuracy[(pair.source, pair.target)] == pytest.approx(
-            _by_hand_accuracy(adv[p][:, : model.experiment.task(pair.target).n_classes].argmax(-1), y)
-        )
+        acc = _by_hand_accuracy(adv[p][:, : model.experiment.task(pair.target).n_classes].argmax(-1), y)
+        by_hand[(pair.source, pair.target)] = max(acc, by_hand.get((pair.source, pair.target), 0.0))
+    assert report.adversary_accuracy == pytest.approx(by_hand)
     # the majority rate of b on test: each of the 5 cells has 4 samples; b=1 and b=2 occur in 2 cells each
     assert report.adversary_majority[("a", "b")] == pytest.approx(8 / 20)
     for layer in ("features", "penultimate"):

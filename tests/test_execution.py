@@ -125,6 +125,7 @@ def test_head_views_behave_like_heads():
     fast.eval(), ref.eval()
     z = torch.randn(4, fast.feature_sizes["t0"])
     with torch.no_grad():
-        assert torch.allclose(fast.adversary("t0", "t1")(z), ref.adversary("t0", "t1")(z), atol=1e-6)
+        za = torch.randn(4, fast.adversary("t0", "t1").in_features)  # features (+ one-hot label when conditional)
+        assert torch.allclose(fast.adversary("t0", "t1")(za), ref.adversary("t0", "t1")(za), atol=1e-6)
         assert torch.allclose(fast.classifiers["t0"].penultimate(z), ref.classifiers["t0"].penultimate(z), atol=1e-6)
     assert fast.adversary("t0", "t1").num_classes == 2 and fast.classifiers["t0"].in_features == z.shape[1]

@@ -17,7 +17,8 @@ def test_readme_example_shapes(two_tasks):
     assert feats["plane"].shape == (5, 16 * 4 * 6) and not feats["plane"].requires_grad
     out = model(x)
     assert out.logits["plane"].shape == (5, 3) and out.logits["shadow"].shape == (5, 2)
-    assert set(out.adversary_logits) == {"plane->shadow", "shadow->plane"}
+    members = [f"#{m}" if m else "" for m in range(two_tasks.adversary.ensemble)]  # a->b, a->b#1, ...
+    assert set(out.adversary_logits) == {f"{k}{m}" for k in ("plane->shadow", "shadow->plane") for m in members}
     assert out.adversary_logits["plane->shadow"].shape == (5, 2)
     assert out.adversary_logits["shadow->plane"].shape == (5, 3)
     assert model.training  # predict/features restore the mode
@@ -69,6 +70,7 @@ def test_heterogeneous_backbones():
         ],
         backbone={"name": "dltk_residual", "args": {"filters": [4, 8], "strides": [1, 2]}},
         input_shape=(1, 8, 8),
+        adversary={"conditional": False},
     )
     model = md.build_model(e)
     assert model.feature_sizes == {"a": 8 * 4 * 4, "b": 8}
@@ -110,7 +112,7 @@ def test_adversary_set_matches_enabled_pairs(n, data):
         backbone={"name": "dltk_residual", "args": {"filters": [2, 2], "strides": [1, 2], "output": "pool"}},
         input_shape=(1, 4, 4),
         head={"hidden": []},
-        adversary={"head": {"hidden": [3]}},
+        adversary={"head": {"hidden": [3]}, "ensemble": 1, "conditional": False},
         pairs=pairs,
     )
     model = md.build_model(e)

@@ -108,7 +108,7 @@ def test_malformed_json_is_spec_error():
 
 
 def test_default_pairs_are_all_ordered_pairs():
-    e = make(tasks=[md.Task(name=n, num_classes=2) for n in "xyz"])
+    e = make(tasks=[md.Task(name=n, num_classes=2) for n in "xyz"], adversary={"ensemble": 1})
     assert [(p.source, p.target) for p in e.adversary_pairs()] == [
         ("x", "y"),
         ("x", "z"),
@@ -120,10 +120,17 @@ def test_default_pairs_are_all_ordered_pairs():
 
 
 def test_pair_overrides():
-    e = make(pairs=[{"source": "a", "target": "b", "enabled": False}, {"source": "b", "target": "a", "weight": 2.5}])
+    single = {"ensemble": 1}
+    e = make(
+        adversary=single,
+        pairs=[{"source": "a", "target": "b", "enabled": False}, {"source": "b", "target": "a", "weight": 2.5}],
+    )
     assert e.adversary_pairs() == [md.AdversaryPair("b", "a", 2.5)]
-    e2 = make(all_pairs=False, pairs=[{"source": "a", "target": "b"}])
+    e2 = make(adversary=single, all_pairs=False, pairs=[{"source": "a", "target": "b"}])
     assert e2.adversary_pairs() == [md.AdversaryPair("a", "b", 1.0)]
+    e3 = make(pairs=[{"source": "b", "target": "a", "weight": 3.0}], all_pairs=False)  # the default ensemble
+    m = e3.adversary.ensemble
+    assert e3.adversary_pairs() == [md.AdversaryPair("b", "a", 3.0 / m, k) for k in range(m)]
 
 
 # -- hypothesis: round trips and messages ---------------------------------------------------------
