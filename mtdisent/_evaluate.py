@@ -38,7 +38,7 @@ def resolve_model(source: Any, which: str = "best") -> MultiTaskModel:
     if isinstance(source, MultiTaskModel):
         return source
     if isinstance(source, Run):
-        return source.model
+        return source.model_at(which)
     if isinstance(source, (str, Path)):
         return load(source, which=which)
     raise MtdisentError(f"evaluate expects a Run, a run directory or a MultiTaskModel, got {type(source).__name__}")
@@ -269,7 +269,7 @@ def evaluate(
         probe_split: Split used for probes and to decide which factor combinations were seen in training.
         probes: Probe kinds: ``linear`` and/or ``mlp``.
         layers: Feature layers probed: ``features`` (encoder output) and/or ``penultimate`` (classifier).
-        which: For a run directory: ``best``, ``final`` or ``latest`` model.
+        which: For a run or run directory: ``best``, ``final`` or ``latest`` model.
         batch_size: Batch size of the forward passes.
         seed: Seed of the probes.
         device: Where to run the model: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``...

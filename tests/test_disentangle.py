@@ -232,6 +232,29 @@ def test_validate_reports_leakage_per_pair_when_a_limit_is_set():
     )
 
 
+def test_evaluating_a_run_at_best_uses_the_selected_checkpoint(tmp_path, monkeypatch):
+    # the trainer marks only the first validation (iteration 2) best; the run then trains on to iteration 6
+    monkeypatch.setattr(Trainer, "is_better", lambda self, val: self.best is None)
+    e = experiment(training={"iterations": 6, "eval_every": 2, "checkpoint_every": 6})
+    on_disk, in_memory = md.train(e, out_dir=tmp_path, quiet=True), md.train(e, quiet=True)
+    assert on_disk.best["iteration"] == in_memory.best["iteration"] == 2
+    saved = md.load(tmp_path / "checkpoints" / "best").state_dict()
+    for run in (on_disk, in_memory):
+        best, final = run.model_at("best").state_dict(), run.model_at("final").state_dict()
+        assert all(torch.equal(best[k].cpu(), saved[k]) for k in saved)
+        assert any(not torch.equal(best[k], final[k]) for k in final if final[k].is_floating_point())
+        assert run.model_at("final") is run.model and run.model_at("latest") is run.model
+    best_model = md.load(tmp_path / "checkpoints" / "best")
+    report = md.evaluate(in_memory, split="test", which="best", probe_data=False, device="cpu")
+    expected = md.evaluate(best_model, split="test", probe_data=False, device="cpu")
+    assert report.accuracy == expected.accuracy
+    with pytest.raises(md.MtdisentError, match="expected 'final', 'best' or 'latest'"):
+        in_memory.model_at("middle")
+    in_memory.best_state = None  # weights of an earlier best that were not kept cannot be made up
+    with pytest.raises(md.MtdisentError, match="iteration 2.*not kept"):
+        md.evaluate(in_memory, split="test", probe_data=False)
+
+
 # -- conditional adversaries ---------------------------------------------------------------------------
 def test_conditional_adversaries_read_features_and_the_sources_own_label():
     e = md.Experiment(

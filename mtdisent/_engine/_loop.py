@@ -17,6 +17,7 @@ statistics, so those see each main-step batch exactly once, whatever k is.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import signal
@@ -45,6 +46,7 @@ from ._checkpoint import (
     atomic_write_text,
     export_model,
     latest_checkpoint,
+    load,
     prune_checkpoints,
     read_checkpoint,
     write_checkpoint,
@@ -110,6 +112,8 @@ class Run:
         iteration: Iterations completed.
         history: The logged metrics, one dict per logged iteration.
         best: Validation metrics of the best checkpoint, when validation data was given.
+        best_state: For a run without ``out_dir``: the model weights of the best checkpoint (a run with a
+            directory keeps them in ``checkpoints/best``). Use :meth:`model_at` rather than reading it.
     """
 
     experiment: Experiment
@@ -118,6 +122,35 @@ class Run:
     iteration: int
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
+    best_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def model_at(self, which: str = "best") -> MultiTaskModel:
+        """The model at the final, latest or best checkpoint.
+
+        Args:
+            which: ``"final"`` or ``"latest"`` (the trained model, :attr:`model`), or ``"best"`` (the checkpoint
+                chosen on validation data; :attr:`model` when there was no validation or the last one won).
+
+        Returns:
+            The model; a separate copy (or a model loaded from ``checkpoints/best``) for an earlier best.
+
+        Raises:
+            MtdisentError: ``which`` is not one of the three, or the best weights were not kept.
+        """
+        if which not in {"final", "best", "latest"}:
+            raise MtdisentError(f"which={which!r}: expected 'final', 'best' or 'latest'")
+        if which != "best" or self.best is None or self.best.get("iteration") == self.iteration:
+            return self.model
+        if self.best_state is not None:
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(self.best_state)
+            return model
+        if self.out_dir is not None and (self.out_dir / "checkpoints" / "best").is_dir():
+            return load(self.out_dir, which="best").to(next(self.model.parameters()).device)
+        raise MtdisentError(
+            f"the best checkpoint (iteration {self.best.get('iteration')}) of this run was not kept; "
+            "pass which='final', or train with out_dir to keep it"
+        )
 
 
 def lambda_schedule(kind: str, iteration: int, warmup: int, total: int) -> float:
@@ -725,6 +758,7 @@ def _train(
     files = run_dir if (run_dir is not None and main) else None
     writer = _TensorBoard(files) if (tr.tensorboard and files is not None) else None
     eval_every = tr.eval_every or tr.checkpoint_every
+    best_state: dict[str, torch.Tensor] | None = None
 
     def checkpoint() -> None:
         if files is None:
@@ -748,6 +782,8 @@ def _train(
                         metrics.update(val)
                         if trainer.is_better(val):
                             trainer.best = {"iteration": it, **val}
+                            if run_dir is None:  # no directory to hold it: keep the weights in memory
+                                best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
                             if files is not None:
                                 tensors, state = trainer.state()
                                 write_checkpoint(files / "checkpoints" / "best", tensors, state)
@@ -784,7 +820,7 @@ def _train(
     if files is not None:
         export_model(files, trainer.model, {"iteration": trainer.iteration, "best": trainer.best})
     _barrier(info)
-    return Run(experiment, trainer.model, run_dir, trainer.iteration, history, trainer.best)
+    return Run(experiment, trainer.model, run_dir, trainer.iteration, history, trainer.best, best_state)
 
 
 def _barrier(info: DistInfo) -> None:
