@@ -208,10 +208,19 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    settings = {k: v for k, v in vars(args).items() if k not in {"out", "append", "methods", "seeds"}}
     if args.append and (out / "results.json").exists():  # keep earlier rows; rerun only what is missing
-        rows = json.loads((out / "results.json").read_text())["rows"]
+        earlier = json.loads((out / "results.json").read_text())
+        differ = {k: (earlier["settings"].get(k), v) for k, v in settings.items() if earlier["settings"].get(k) != v}
+        if differ:
+            raise SystemExit(
+                f"--append: {out / 'results.json'} was made with other settings "
+                f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
+                "use the same settings or another --out"
+            )
+        rows = earlier["rows"]
     done = {(r["method"], r["seed"]) for r in rows}
-    settings = {k: v for k, v in vars(args).items() if k not in {"out", "append", "methods"}}
+    settings["seeds"] = sorted({*args.seeds, *(r["seed"] for r in rows)})
     for method in args.methods:
         for seed in args.seeds:
             if (method, seed) in done:

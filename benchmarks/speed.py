@@ -102,7 +102,9 @@ def experiment(
         tasks=data.tasks,
         input_shape=data.input_shape,
         backbone={"name": "dltk_residual", "args": {"output": output}},
-        adversary={"steps": steps, "features": features},
+        # one unconditional adversary per ordered pair, as in the paper (the library default is an ensemble
+        # of three conditional ones): the N (N - 1) heads the targets are about, and the committed results
+        adversary={"steps": steps, "features": features, "ensemble": 1, "conditional": False, "reinit_every": 0},
         training={"batch_size": batch, "device": device, "amp": "bf16" if device == "cuda" else "off"},
         execution={"heads": heads},
         seed=0,
