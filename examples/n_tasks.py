@@ -117,6 +117,8 @@ def main() -> None:
     note = "mean ± std over seeds (unseen accuracy per seed in parentheses); leakage normalised."
     table = "\n".join(lines) + f"\n\n{note}\n"
     settings = {k: v for k, v in vars(args).items() if k not in {"out", "quiet"}}
+    # the adversary as trained (library defaults apart from weight, steps, features and head)
+    settings["adversary"] = experiment(args, args.tasks[0], args.weights[0], args.seeds[0]).adversary.model_dump()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = md.machine_info()
