@@ -56,6 +56,26 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
             "training": {"leakage_limit": 0.2, "eval_every": 100},
         },
     ),
+    "conditional_warmup": (
+        "conditional_ensemble with lambda warmed up linearly over the first 200 iterations",
+        {
+            "adversary": {
+                "weight": 0.1,
+                "conditional": True,
+                "ensemble": 3,
+                "reinit_every": 100,
+                "schedule": "linear",
+                "warmup": 200,
+            }
+        },
+    ),
+    "conditional_pooled": (
+        "conditional_ensemble on a bottleneck: globally pooled encoder features (64) instead of flattened",
+        {
+            "adversary": {"weight": 0.1, "conditional": True, "ensemble": 3, "reinit_every": 100},
+            "backbone": {"args": {"output": "pool"}},
+        },
+    ),
     "hsic": (
         "conditional HSIC penalty alone (no adversary term), lambda = 1",
         {"adversary": {"weight": 1.0, "objective": {"name": "hsic"}}},
