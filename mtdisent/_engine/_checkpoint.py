@@ -223,6 +223,12 @@ def _model_from(
     return model
 
 
+def check_which(which: str) -> None:
+    """Raise :class:`CheckpointError` unless ``which`` names a model of a run: final, best or latest."""
+    if which not in {"final", "best", "latest"}:
+        raise CheckpointError(f"which={which!r}: expected 'final', 'best' or 'latest'")
+
+
 def load(path: str | os.PathLike[str], which: str = "final", device: str | torch.device = "cpu") -> MultiTaskModel:
     """Load an inference model from a run directory or a checkpoint directory; nothing is unpickled.
 
@@ -239,8 +245,7 @@ def load(path: str | os.PathLike[str], which: str = "final", device: str | torch
         CheckpointError: nothing loadable there, or the files are corrupt; the message names the file.
     """
     path = Path(path)
-    if which not in {"final", "best", "latest"}:
-        raise CheckpointError(f"which={which!r}: expected 'final', 'best' or 'latest'")
+    check_which(which)
     if (path / "state.json").is_file():  # a checkpoint directory
         tensors, state = read_checkpoint(path)
         model = _model_from(tensors, _inference_spec(state["experiment"]), state.get("input_shape"), path)

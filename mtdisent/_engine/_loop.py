@@ -44,6 +44,7 @@ from ..evaluation._probes import probe_accuracy, train_probe
 from ._checkpoint import (
     CheckpointError,
     atomic_write_text,
+    check_which,
     export_model,
     latest_checkpoint,
     load,
@@ -135,10 +136,9 @@ class Run:
             The model; a separate copy (or a model loaded from ``checkpoints/best``) for an earlier best.
 
         Raises:
-            MtdisentError: ``which`` is not one of the three, or the best weights were not kept.
+            CheckpointError: ``which`` is not one of the three. MtdisentError: the best weights were not kept.
         """
-        if which not in {"final", "best", "latest"}:
-            raise MtdisentError(f"which={which!r}: expected 'final', 'best' or 'latest'")
+        check_which(which)
         if which != "best" or self.best is None or self.best.get("iteration") == self.iteration:
             return self.model
         if self.best_state is not None:
