@@ -24,8 +24,7 @@ from typing import Any
 import torch
 
 import mtdisent as md
-from mtdisent._data import resolve_data
-from mtdisent._engine._loop import Trainer
+from mtdisent.engine import Loop, build_loop
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -116,10 +115,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(tr: Trainer, device: torch.device) -> dict[str, float]:
+def iterate(loop: Loop) -> dict[str, float]:
+    metrics = loop.step.update(loop.iteration)
+    loop.iteration += 1
+    return metrics
+
+
+def timed(loop: Loop, device: torch.device) -> dict[str, float]:
     sync(device)
     t0 = time.perf_counter()
-    m = tr.iterate()
+    m = iterate(loop)
     sync(device)
     return {"iteration": time.perf_counter() - t0, "main": m["time/main"], "adversary": m["time/adversary"]}
 
@@ -127,16 +132,16 @@ def timed(tr: Trainer, device: torch.device) -> dict[str, float]:
 def gate(data: md.DataSource, point: dict[str, Any], device: torch.device, steps: int) -> float:
     """Largest relative difference of the main loss over ``steps`` iterations; raises if beyond tolerance."""
     trainers = [
-        Trainer(
+        build_loop(
             experiment(data, h, point["output"], point["steps"], point["features"], point["batch"], device.type),
-            resolve_data(experiment(data, h, point["output"], 1, "reuse", point["batch"], "cpu"), data),
-            device,
+            data,
+            device=device.type,
         )
         for h in ("stacked", "separate")
     ]
     worst = 0.0
     for step in range(steps):
-        a, b = (t.iterate()["loss/main"] for t in trainers)
+        a, b = (iterate(t)["loss/main"] for t in trainers)
         diff = abs(a - b) / max(1.0, abs(b))
         worst = max(worst, diff)
         tol = 2e-2 if device.type == "cuda" else 2e-3  # bf16 on CUDA
@@ -152,9 +157,9 @@ def run_point(point: dict[str, Any], device: torch.device, repeats: int, gate_st
     trainers = {}
     for heads in ("stacked", "separate"):
         e = experiment(data, heads, point["output"], point["steps"], point["features"], point["batch"], device.type)
-        trainers[heads] = Trainer(e, resolve_data(e, data), device)
+        trainers[heads] = build_loop(e, data, device=device.type)
         for _ in range(2):  # warm-up
-            trainers[heads].iterate()
+            iterate(trainers[heads])
     times: dict[str, list[dict[str, float]]] = {"stacked": [], "separate": []}
     for _ in range(repeats):  # alternate so drifting machine load hits both paths alike
         for heads, tr in trainers.items():
@@ -169,7 +174,7 @@ def run_point(point: dict[str, Any], device: torch.device, repeats: int, gate_st
             "images_per_s": point["batch"] / it,
         }
         reset_peak(device)
-        trainers[heads].iterate()
+        iterate(trainers[heads])
         out[heads]["peak_mib"] = peak_mib(device)
     out["ratio"] = out["stacked"]["iteration_s"] / out["separate"]["iteration_s"]
     return out

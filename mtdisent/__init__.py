@@ -1,13 +1,14 @@
 """mtdisent: N-task adversarial representation disentanglement on PyTorch.
 
-Declare tasks in an :class:`Experiment`, build the model with :func:`build_model`; backbones, objectives
-and datasets are plugins found through entry points (see :func:`list_plugins`).
+Declare tasks in an :class:`Experiment`, build the model with :func:`build_model`, train it with :func:`train`
+and measure it with :func:`evaluate`. Backbones, objectives and datasets are plugins found through entry
+points (see :func:`list_plugins`); the training engine's extension points are in :mod:`mtdisent.engine`.
 """
 
 from __future__ import annotations
 
 from ._data import DataError, DataSource
-from ._engine import CheckpointError, Run, TrainingError, TrainingInterrupted, load, train
+from ._engine import Callback, CheckpointError, Run, TrainingError, TrainingInterrupted, load, train
 from ._errors import (
     ComponentError,
     DuplicateComponentError,
@@ -19,12 +20,11 @@ from ._errors import (
     did_you_mean,
 )
 from ._evaluate import Report, evaluate
-from ._heads import MLPHead
 from ._machine import machine_info
 from ._model import ModelOutput, MultiTaskModel, build_model
-from ._objectives import Objective, grad_reverse
-from ._presets import preset, presets
-from ._registry import ComponentInfo, Registry, backbones, datasets, list_plugins, objectives, register
+from ._objectives import Objective, grad_reverse, masked_pair_cross_entropy
+from ._presets import preset
+from ._registry import Registry, backbones, datasets, list_plugins, objectives, register
 from ._spec import (
     AdversaryPair,
     AdversarySpec,
@@ -38,8 +38,9 @@ from ._spec import (
     TrainingSpec,
     load_spec,
 )
+from .evaluation import Metric
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # spec
@@ -55,30 +56,30 @@ __all__ = [
     "ExecutionSpec",
     "load_spec",
     "preset",
-    # data
+    # data, model, training, evaluation
     "DataSource",
-    "presets",
-    # registries and plugins
+    "build_model",
+    "MultiTaskModel",
+    "ModelOutput",
+    "train",
+    "Run",
+    "Callback",
+    "load",
+    "evaluate",
+    "Report",
+    "Metric",
+    # plugins
     "Registry",
-    "ComponentInfo",
     "register",
     "backbones",
     "objectives",
     "datasets",
     "list_plugins",
-    # model, training
-    "build_model",
-    "train",
-    "load",
-    "evaluate",
-    "Report",
-    "machine_info",
-    "Run",
-    "MultiTaskModel",
-    "ModelOutput",
-    "MLPHead",
     "Objective",
     "grad_reverse",
+    "masked_pair_cross_entropy",
+    "did_you_mean",
+    "machine_info",
     # errors
     "MtdisentError",
     "SpecError",
@@ -91,6 +92,5 @@ __all__ = [
     "DuplicateComponentError",
     "PluginLoadError",
     "PluginWarning",
-    "did_you_mean",
     "__version__",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "ComponentError",
     "PluginWarning",
     "did_you_mean",
+    "with_context",
 ]
 
 
@@ -65,6 +66,18 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     available = ", ".join(repr(c) for c in candidates) if candidates else "(none)"
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return f"Available: {available}.{hint}"
+
+
+def with_context(exc: MtdisentError, context: str) -> MtdisentError:
+    """The same kind of error with ``context`` (the component or task at fault) prefixed to its message."""
+    message = f"{context}: {exc}"
+    try:
+        new = type(exc)(message)
+    except TypeError:  # a subclass with another constructor
+        new = ComponentError(message)
+    if isinstance(exc, SpecError) and isinstance(new, SpecError):
+        new.errors = exc.errors
+    return new
 
 
 def warn_plugin(message: str) -> None:

@@ -14,12 +14,15 @@ from typing import Any
 
 import torch
 
-from ._data import DataError, DataSource, resolve_data
+from ._data import DataError, DataSource, resolve_data, task_classes
 from ._engine import Run, load
 from ._errors import MtdisentError
 from ._model import MultiTaskModel
+from ._torch import eval_mode
 from .evaluation import (
+    Accuracy,
     LeakageMatrix,
+    Metric,
     TaskMetrics,
     collect_features,
     combination_accuracy,
@@ -27,7 +30,6 @@ from .evaluation import (
     leakage_matrix,
     majority_rate,
     seen_combinations,
-    task_metrics,
 )
 
 __all__ = ["Report", "evaluate", "resolve_model"]
@@ -60,6 +62,8 @@ class Report:
         probes: ``{layer: {kind: LeakageMatrix}}`` fresh-probe leakage (layers ``features`` and
             ``penultimate``; kinds ``linear`` and ``mlp``), including i == j.
         combinations: Per task, accuracy per factor combination with seen/unseen flags and a summary.
+        values: Every metric's values on the evaluation data by key (``acc/<task>``, ``mean_acc``, ... and
+            those of the extra metrics passed to :func:`evaluate`).
         info: Where the numbers came from (sizes, settings).
     """
 
@@ -70,6 +74,7 @@ class Report:
     probes: dict[str, dict[str, LeakageMatrix]] = field(default_factory=dict)
     combinations: dict[str, dict[str, Any]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    values: dict[str, float] = field(default_factory=dict)
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     labels: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     class_names: dict[str, list[str]] = field(default_factory=dict, repr=False)
@@ -116,6 +121,7 @@ class Report:
             "adversary_majority": {_key(k): v for k, v in self.adversary_majority.items()},
             "probes": {layer: {kind: m.to_dict() for kind, m in kinds.items()} for layer, kinds in self.probes.items()},
             "combinations": self.combinations,
+            "values": self.values,
             "info": self.info,
         }
 
@@ -225,12 +231,8 @@ def _adversary_accuracy(
 ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
     if not model.pairs:
         return {}, {}
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         logits = model.adversary_logits(feats, labels=labels)  # (P, B, K_max)
-    finally:
-        model.train(was)
     acc: dict[tuple[str, str], float] = {}
     maj: dict[tuple[str, str], float] = {}
     for p, pair in enumerate(model.pairs):
@@ -257,6 +259,7 @@ def evaluate(
     batch_size: int = 256,
     seed: int = 0,
     device: str | torch.device = "auto",
+    metrics: Sequence[Metric] = (),
 ) -> Report:
     """Evaluate a trained model.
 
@@ -273,6 +276,8 @@ def evaluate(
         batch_size: Batch size of the forward passes.
         seed: Seed of the probes.
         device: Where to run the model: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``...
+        metrics: Extra :class:`~mtdisent.Metric` objects computed on the evaluation data (in ``report.values``
+            next to the built-in accuracy keys).
 
     Returns:
         A :class:`Report`.
@@ -283,17 +288,20 @@ def evaluate(
     tasks = model.task_names
     eval_set = _split(data, model, split, "test")
     feats, labels = collect_features(model, eval_set, batch_size=batch_size, layer="features", device=device)
-    with torch.no_grad():
-        was = model.training
-        model.eval()
+    with torch.no_grad(), eval_mode(model):
         logits = model.classify({t: f.to(device) for t, f in feats.items()})
-        model.train(was)
     preds = {t: logits[t].argmax(-1).cpu() for t in tasks}
-    metrics = {t: task_metrics(preds[t], labels[t], model.experiment.task(t).n_classes) for t in tasks}
+    accuracy = Accuracy(task_classes(model.experiment))  # the metric objects validation uses too
+    values: dict[str, float] = {}
+    for m in (accuracy, *metrics):
+        m.reset()
+        m.update(logits, labels)
+        values.update(m.compute())
     adv_acc, adv_maj = _adversary_accuracy(
         model, {t: f.to(device) for t, f in feats.items()}, {t: v.to(device) for t, v in labels.items()}
     )
-    report = Report(tasks, metrics, adv_acc, adv_maj, info={"n_eval": len(next(iter(labels.values())))})
+    report = Report(tasks, accuracy.task_metrics(), adv_acc, adv_maj, info={"n_eval": len(next(iter(labels.values())))})
+    report.values = values
     report.labels = labels
     report.class_names = {t: model.experiment.task(t).class_names for t in tasks}
 

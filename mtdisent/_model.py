@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -14,8 +13,9 @@ from ._errors import ComponentError, MtdisentError, SpecError, did_you_mean
 from ._heads import HeadGroup, MLPHead
 from ._registry import backbones
 from ._spec import AdversaryPair, Component, Experiment
+from ._torch import eval_mode
 
-__all__ = ["MultiTaskModel", "ModelOutput", "build_model", "build_backbone", "check_kwargs"]
+__all__ = ["MultiTaskModel", "ModelOutput", "build_model", "build_backbone"]
 
 
 class ModelOutput(NamedTuple):
@@ -32,50 +32,20 @@ class ModelOutput(NamedTuple):
     adversary_logits: dict[str, torch.Tensor]
 
 
-def check_kwargs(fn: Any, args: dict[str, Any], what: str, skip: tuple[str, ...] = ()) -> None:
-    """Raise :class:`ComponentError` naming ``what`` if ``args`` holds a keyword ``fn`` does not accept."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # builtins without a signature: let the call decide
-        return
-    params = sig.parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    valid = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in skip]
-    for key in args:
-        if key not in valid:
-            raise ComponentError(f"{what}: unknown argument {key!r}. {did_you_mean(key, valid)}")
-
-
 def build_backbone(component: Component, in_channels: int, *, what: str = "backbone") -> nn.Module:
     """Instantiate a backbone from its spec; errors name the backbone and the bad argument."""
-    factory = backbones.get(component.name)
-    label = f"{what} {component.name!r}"
-    check_kwargs(factory, component.args, label, skip=("in_channels",))
-    try:
-        module = factory(in_channels=in_channels, **component.args)
-    except MtdisentError as exc:
-        raise ComponentError(f"{label}: {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise ComponentError(f"{label} could not be built with args {component.args}: {exc}") from exc
-    if not isinstance(module, nn.Module):
-        raise ComponentError(f"{label}: factory returned {type(module).__name__}, expected a torch.nn.Module")
-    return module
+    return backbones.create(component.name, component.args, what=f"{what} {component.name!r}", in_channels=in_channels)
 
 
 def _feature_size(module: nn.Module, input_shape: tuple[int, int, int], label: str) -> int:
     """D of a backbone: a dry forward of two zero images in eval mode, checked against ``num_features``."""
-    was_training = module.training
-    module.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(module), torch.no_grad():
             out = module(torch.zeros(2, *input_shape))  # (2, C, H, W) -> (2, D)
     except Exception as exc:
         raise ComponentError(
             f"{label} failed on input of shape (B, {', '.join(map(str, input_shape))}): {exc}"
         ) from exc
-    finally:
-        module.train(was_training)
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ComponentError(f"{label} returned {shape} for a batch of 2; a backbone must map (B, C, H, W) to (B, D)")
@@ -241,13 +211,8 @@ class MultiTaskModel(nn.Module):
         return ModelOutput(features, logits, adv)
 
     def _inference(self, fn: Any, x: torch.Tensor) -> Any:
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                return fn(x)
-        finally:
-            self.train(was_training)
+        with eval_mode(self), torch.inference_mode():
+            return fn(x)
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{task: (B, D)}`` encoder features, computed in eval mode without gradients."""

@@ -18,12 +18,11 @@ train in their own steps and then only monitor leakage.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-
-from ._errors import ComponentError, did_you_mean
 
 __all__ = ["Objective", "grad_reverse", "masked_pair_cross_entropy"]
 
@@ -64,7 +63,9 @@ class Objective:
     """Base class of adversarial objectives.
 
     Subclasses override :meth:`encoder_term` (and optionally :meth:`encoder_terms`, :meth:`adversary_input`,
-    :meth:`adversary_loss`). Keyword arguments a subclass does not consume are rejected by name.
+    :meth:`adversary_loss`, :meth:`feature_terms`). A subclass's constructor arguments are its spec arguments
+    (``{"name": "my_objective", "args": {...}}``); the registry rejects unknown ones by name, so a subclass
+    declares them as keyword parameters of ``__init__`` and stores each under the same attribute name.
 
     Attributes:
         single_pass: If true, the main step's backward also trains the adversaries (gradient reversal):
@@ -76,12 +77,8 @@ class Objective:
     single_pass: ClassVar[bool] = False
     uses_adversaries: bool = True
 
-    def __init__(self, **kwargs: Any) -> None:
-        if kwargs:
-            valid = list(getattr(type(self), "arguments", ()))
-            names = ", ".join(repr(k) for k in sorted(kwargs))
-            hint = " ".join(did_you_mean(k, valid) for k in sorted(kwargs)) if valid else "It takes no arguments."
-            raise ComponentError(f"objective {type(self).__name__}: unknown argument(s) {names}. {hint}")
+    def __init__(self) -> None:
+        pass
 
     def adversary_input(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """What the adversaries see in the main step: the features themselves by default.
@@ -149,5 +146,5 @@ class Objective:
         return masked_pair_cross_entropy(logits, targets)[0]
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in getattr(type(self), "arguments", ()))
-        return f"{type(self).__name__}({args})"
+        names = [n for n in inspect.signature(type(self)).parameters if hasattr(self, n)]
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"

@@ -12,16 +12,51 @@ from __future__ import annotations
 
 import builtins
 import importlib.metadata as importlib_metadata
+import inspect
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-from ._errors import DuplicateComponentError, PluginLoadError, UnknownComponentError, did_you_mean, warn_plugin
+from torch import nn
+
+from ._errors import (
+    ComponentError,
+    DuplicateComponentError,
+    MtdisentError,
+    PluginLoadError,
+    UnknownComponentError,
+    did_you_mean,
+    warn_plugin,
+    with_context,
+)
+from ._objectives import Objective
+
+if TYPE_CHECKING:
+    from ._protocols import BackboneFactory, DatasetFactory
 
 __all__ = ["Registry", "ComponentInfo", "backbones", "objectives", "datasets", "register", "list_plugins", "REGISTRIES"]
 
 T = TypeVar("T")
+
+
+def check_arguments(fn: Callable[..., Any], args: Mapping[str, Any], what: str, skip: tuple[str, ...] = ()) -> None:
+    """Raise :class:`ComponentError` naming ``what`` if ``args`` holds a keyword ``fn`` does not accept.
+
+    ``fn`` may be a function or a class (its ``__init__`` signature). Names in ``skip`` are filled in by the
+    caller and are not the user's to give. A factory taking ``**kwargs`` accepts anything.
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in skip]
+    for key in args:
+        if key not in valid:
+            hint = did_you_mean(key, valid) if valid else "It takes no arguments."
+            raise ComponentError(f"{what}: unknown argument {key!r}. {hint}")
 
 
 @dataclass(frozen=True)
@@ -58,9 +93,10 @@ class Registry(Generic[T]):
         group: Entry-point group scanned for plugins, for example ``"mtdisent.backbones"``.
     """
 
-    def __init__(self, kind: str, group: str) -> None:
+    def __init__(self, kind: str, group: str, returns: type | tuple[type, ...] | None = None) -> None:
         self.kind = kind
         self.group = group
+        self.returns = returns
         self._entries: dict[str, _Entry] = {}
         self._discovered = False
         self._lock = threading.RLock()
@@ -167,6 +203,42 @@ class Registry(Generic[T]):
             raise UnknownComponentError(f"Unknown {self.kind} {name!r}. {did_you_mean(name, self.list())}")
         return self._load(entry)
 
+    def create(self, name: str, args: Mapping[str, Any] | None = None, *, what: str | None = None, **fixed: Any) -> Any:
+        """Build component ``name`` with the user's ``args`` and the caller's ``fixed`` keyword arguments.
+
+        The one way every component is built: ``args`` are checked against the factory's signature (``fixed``
+        names are the caller's, not the user's), and any error the factory raises comes back naming the
+        component: an mtdisent error keeps its class with the component prefixed, anything else becomes a
+        :class:`~mtdisent.ComponentError`.
+
+        Args:
+            name: Registered name.
+            args: The user's keyword arguments (from the spec).
+            what: How to name the component in errors (default ``"<kind> '<name>'"``).
+            **fixed: Arguments the caller supplies (for example ``in_channels`` of a backbone).
+
+        Raises:
+            UnknownComponentError, PluginLoadError, ComponentError: as described.
+        """
+        args = dict(args or {})
+        label = what or f"{self.kind} {name!r}"
+        factory: Any = self.get(name)
+        check_arguments(factory, args, label, skip=tuple(fixed))
+        try:
+            obj = factory(**fixed, **args)
+        except MtdisentError as exc:
+            raise with_context(exc, label) from exc
+        except Exception as exc:  # third-party code: any failure is the component's
+            raise ComponentError(f"{label} could not be built with args {args}: {type(exc).__name__}: {exc}") from exc
+        if self.returns is not None and not isinstance(obj, self.returns):
+            expected = (
+                self.returns.__name__
+                if isinstance(self.returns, type)
+                else " or ".join(t.__name__ for t in self.returns)
+            )
+            raise ComponentError(f"{label}: its factory returned {type(obj).__name__}, expected {expected}")
+        return obj
+
     def list(self) -> builtins.list[str]:
         """Names of the components that load; plugins that fail to import are skipped with a warning."""
         return [info.name for info in self.info() if info.loaded]
@@ -211,9 +283,9 @@ def _dist_name(ep: importlib_metadata.EntryPoint) -> str:
         return "<unknown distribution>"
 
 
-backbones: Registry[Callable[..., Any]] = Registry("backbone", "mtdisent.backbones")
-objectives: Registry[Callable[..., Any]] = Registry("objective", "mtdisent.objectives")
-datasets: Registry[Callable[..., Any]] = Registry("dataset", "mtdisent.datasets")
+backbones: Registry[BackboneFactory] = Registry("backbone", "mtdisent.backbones", returns=nn.Module)
+objectives: Registry[Callable[..., Objective]] = Registry("objective", "mtdisent.objectives", returns=Objective)
+datasets: Registry[DatasetFactory] = Registry("dataset", "mtdisent.datasets")
 
 REGISTRIES: dict[str, Registry[Any]] = {"backbone": backbones, "objective": objectives, "dataset": datasets}
 

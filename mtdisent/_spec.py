@@ -370,8 +370,14 @@ class TrainingSpec(SpecModel):
         keep_last: Checkpoints kept besides the best one.
         eval_every: Evaluate on the validation split every this many iterations (0: at each checkpoint).
         log_every: Write a line to metrics.jsonl every this many iterations.
+        num_workers: DataLoader worker processes that fetch batches (0: in the training process). Worth it for
+            datasets read from disk; results do not depend on it.
         train_split: Split of the data used for training.
         val_split: Split used to select the best checkpoint (skipped when the data has none).
+        select_metric: The validation metric that decides the best checkpoint (a key of the validation
+            metrics without ``val_``: ``mean_acc`` (default), ``min_acc``, ``mean_balanced_acc``, ``acc/<task>``,
+            or a key of a metric passed to ``md.train(..., metrics=[...])``).
+        select_mode: ``"max"`` (higher is better) or ``"min"``.
         leakage_limit: Model selection under a leakage limit: at each validation, fresh linear probes read
             every adversary pair's target task from its source task's validation features (two-fold
             cross-fitting, normalised: 0 at the majority rate, 1 perfect); a checkpoint can be "best" only
@@ -395,8 +401,11 @@ class TrainingSpec(SpecModel):
     keep_last: int = Field(default=2, ge=1)
     eval_every: int = Field(default=0, ge=0)
     log_every: int = Field(default=10, ge=1)
+    num_workers: int = Field(default=0, ge=0)
     train_split: str = "train"
     val_split: str = "val"
+    select_metric: str = Field(default="mean_acc", min_length=1)
+    select_mode: Literal["max", "min"] = "max"
     leakage_limit: float | None = Field(default=None, ge=0.0, le=1.0)
     tensorboard: bool = False
 

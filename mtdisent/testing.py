@@ -2,12 +2,14 @@
 
 Run them on your own components::
 
-    from mtdisent.testing import check_backbone, check_objective
+    from mtdisent.testing import check_backbone, check_dataset, check_objective
     check_backbone("my_backbone", args={"width": 8})
     check_objective("my_objective")
+    check_dataset("my_dataset", args={"root": "..."})
 
 or parametrise pytest over every registered component with :func:`backbone_names` /
-:func:`objective_names`. Each check raises ``AssertionError`` with a message saying what is wrong.
+:func:`objective_names` / :func:`dataset_names`. Each check raises ``AssertionError`` with a message saying
+what is wrong.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._data import ContractView, DataError, DataSource, is_tensor_backed, make_loader, sequential_batches
 from ._heads import MLPHead
 from ._model import build_backbone
 from ._objectives import Objective
-from ._registry import backbones, objectives
-from ._spec import Component, HeadSpec
+from ._registry import backbones, datasets, objectives
+from ._spec import Component, Experiment, HeadSpec
 
-__all__ = ["check_backbone", "check_objective", "backbone_names", "objective_names"]
+__all__ = ["check_backbone", "check_objective", "check_dataset", "backbone_names", "objective_names", "dataset_names"]
 
 
 def backbone_names() -> list[str]:
@@ -35,6 +38,11 @@ def backbone_names() -> list[str]:
 def objective_names() -> list[str]:
     """Every registered objective (for ``pytest.mark.parametrize``)."""
     return objectives.list()
+
+
+def dataset_names() -> list[str]:
+    """Every registered dataset (for ``pytest.mark.parametrize``)."""
+    return datasets.list()
 
 
 def _finite(t: torch.Tensor, what: str) -> None:
@@ -174,3 +182,58 @@ def check_objective(
     missing = [f"pair {i}: {n}" for i, h in enumerate(heads[:-1]) for n, q in h.named_parameters() if q.grad is None]
     assert not missing, f"{label}: adversary parameters received no gradient: {missing}"
     return objective
+
+
+def check_dataset(
+    name: str | DataSource, *, args: dict[str, Any] | None = None, splits: list[str] | None = None, samples: int = 8
+) -> DataSource:
+    """Check the dataset contract on every sample of every split (or of ``splits``).
+
+    The factory returns a :class:`~mtdisent.DataSource` that declares its ``tasks`` and ``input_shape``; every
+    item is ``(float image (C, H, W) of that shape, finite, {task: class index or -1})`` with labels in range
+    (read through the same path as training, so a violation gives the same :class:`~mtdisent.DataError`); a
+    label table (``labels``) agrees with the items; a tensor-backed dataset's ``dataset[i]`` equals
+    ``(images[i], labels at i)`` (checked on ``samples`` indices spread over the split).
+
+    Args:
+        name: Registered dataset name, or a DataSource to check.
+        args: Factory arguments.
+        splits: Splits to check (default all).
+        samples: Items compared one by one against the tensors or the label table per split.
+
+    Returns:
+        The DataSource, for further checks.
+    """
+    if isinstance(name, DataSource):
+        source, label = name, "dataset"
+    else:
+        label = f"dataset {name!r}"
+        source = datasets.create(name, args or {})
+    assert isinstance(source, DataSource), f"{label}: the factory returned {type(source).__name__}, not a DataSource"
+    assert source.tasks, f"{label}: the DataSource declares no tasks (DataSource(..., tasks=[...]))"
+    assert source.input_shape is not None, f"{label}: the DataSource declares no input_shape"
+    experiment = Experiment(tasks=source.tasks, input_shape=source.input_shape)
+    classes = {t.name: t.n_classes for t in experiment.tasks}
+    for split in splits or list(source):
+        ds = source[split]
+        try:
+            view = ContractView(ds, classes, source.input_shape, split)
+            batches = list(make_loader(view, sequential_batches(view.n, 64)))
+        except DataError as exc:
+            raise AssertionError(f"{label}: {exc}") from exc
+        labels = {t: torch.cat([b.labels[t] for b in batches]) for t in classes}
+        picks = torch.linspace(0, view.n - 1, min(samples, view.n)).long().unique().tolist()
+        for i in picks:
+            image, item_labels = ds[i]
+            for t in classes:
+                got = int(item_labels.get(t, -1))
+                table = int(labels[t][i])
+                assert got == table, (
+                    f"{label}, split {split!r}, sample {i}, task {t!r}: the item says {got}, the label table {table}"
+                )
+            if is_tensor_backed(ds):
+                assert torch.equal(image.float(), getattr(ds, "images")[i].float()), (
+                    f"{label}, split {split!r}, sample {i}: dataset[i] differs from images[i]; a dataset with an "
+                    "images tensor must return it unchanged (apply transforms with DataSource.with_transform)"
+                )
+    return source

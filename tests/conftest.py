@@ -58,3 +58,10 @@ def toy_experiment(**overrides):
         else:
             spec[key] = value
     return md.Experiment(**spec)
+
+
+def iterate(loop):
+    """Run the loop's next iteration by hand (what ``Loop.run`` does each time), return its metrics."""
+    metrics = loop.step.update(loop.iteration)
+    loop.iteration += 1
+    return metrics

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import ToyDataset, toy_experiment  # noqa: E402
 
 import mtdisent as md  # noqa: E402
-from mtdisent._engine import _checkpoint, _loop  # noqa: E402
+from mtdisent._engine import _checkpoint  # noqa: E402
 
 ITERATIONS = 8
 
@@ -44,22 +44,22 @@ def die_on_call(module, name, n):
     setattr(module, name, wrapper)
 
 
+class SlowDown(md.Callback):
+    """Makes each iteration last 0.25 s longer, so the parent can signal the run at a random moment."""
+
+    def on_iteration_end(self, loop, metrics):
+        time.sleep(0.25)
+
+
 def main():
     out, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if mode == "replace":
         die_on_call(_checkpoint.os, "replace", n)
     elif mode == "fsync":
         die_on_call(_checkpoint, "_fsync_file", n)
-    elif mode == "slow":
-        original = _loop.Trainer.iterate
-
-        def slow(self):
-            time.sleep(0.25)
-            return original(self)
-
-        _loop.Trainer.iterate = slow
+    callbacks = [SlowDown()] if mode == "slow" else []
     try:
-        md.train(experiment(), data=data(), out_dir=out, resume=True, quiet=True)
+        md.train(experiment(), data=data(), out_dir=out, resume=True, quiet=True, callbacks=callbacks)
     except md.TrainingInterrupted as exc:
         print(f"INTERRUPTED {exc.iteration}", flush=True)
         sys.exit(128 + exc.signal)

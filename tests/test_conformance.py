@@ -71,5 +71,9 @@ def test_check_objective_catches_a_batched_path_that_disagrees():
 
 
 def test_objective_rejects_unknown_kwargs_by_name():
-    with pytest.raises(md.ComponentError, match="'strength'"):
-        md.objectives.get("minmax")(strength=2)
+    with pytest.raises(
+        md.ComponentError, match="objective 'minmax': unknown argument 'strength'. It takes no arguments"
+    ):
+        md.objectives.create("minmax", {"strength": 2})
+    with pytest.raises(md.ComponentError, match="unknown argument 'kernal'.*Did you mean 'kernel'"):
+        md.objectives.create("hsic", {"kernal": "linear"})

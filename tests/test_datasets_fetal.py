@@ -15,9 +15,8 @@ from mtdisent_plugins.datasets.fetal_us_sim import (
 )
 from PIL import Image
 
-import mtdisent as md
 from mtdisent import ComponentError
-from mtdisent._data import check_item
+from mtdisent.testing import check_dataset
 
 SIZE = (64, 80)
 SCALE = 0.05
@@ -72,13 +71,11 @@ def test_artifacts_others_unlabelled_plane(source):
 
 
 def test_items_follow_the_contract_and_are_standardised(source):
-    exp = md.Experiment(tasks=source.tasks, input_shape=source.input_shape)
+    check_dataset(source)
     for name in source:
         split = source[name]
         for i in range(len(split)):
-            item = split[i]
-            check_item(item, i, exp, source.input_shape)
-            x = item[0]
+            x = split[i][0]
             assert x.dtype == torch.float32 and torch.isfinite(x).all()
             assert abs(float(x.mean())) < 1e-4 and abs(float(x.std(correction=0)) - 1) < 1e-3
 

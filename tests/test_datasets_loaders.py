@@ -9,7 +9,7 @@ from PIL import Image
 
 import mtdisent as md
 from mtdisent import ComponentError, DataError
-from mtdisent._data import check_item, collate
+from mtdisent.testing import check_dataset
 
 SIZE = (24, 32)
 PLANES = ["Fetal brain", "Fetal abdomen", "Other", "Fetal femur"]
@@ -24,14 +24,6 @@ def write_image(path, mode, size, value=None):
     for x in range(min(8, size[0])):
         img.putpixel((x, 0), 0 if mode in ("L", "I;16") else (0,) * len(img.getbands()))
     img.save(path)
-
-
-def check_contract(source):
-    exp = md.Experiment(tasks=source.tasks, input_shape=source.input_shape)
-    for name in source:
-        split = source[name]
-        for i in range(len(split)):
-            check_item(split[i], i, exp, source.input_shape)
 
 
 @pytest.fixture
@@ -75,7 +67,7 @@ def test_fetal_planes_db_public_format(fpdb):
     n_train = sum(r["Train"].strip() == "1" for r in rows)
     assert len(source["train"]) + len(source["val"]) == n_train
     assert len(source["test"]) == len(rows) - n_train
-    check_contract(source)
+    check_dataset(source)
     x, labels = source["test"][0]
     assert abs(float(x.mean())) < 1e-4 and abs(float(x.std(correction=0)) - 1) < 1e-3
     # labels match the CSV row of the file
@@ -85,8 +77,10 @@ def test_fetal_planes_db_public_format(fpdb):
         "plane": source.tasks[0].classes.index(row["Plane"]),
         "us_machine": source.tasks[1].classes.index(row["US_Machine"]),
     }
-    images, batch = collate([ds[i] for i in range(4)], range(4), md.Experiment(tasks=source.tasks), source.input_shape)
-    assert images.shape == (4, 1, *SIZE) and batch["plane"].dtype == torch.long
+    model = md.build_model(md.Experiment(tasks=source.tasks, input_shape=source.input_shape, head={"hidden": [4]}))
+    feats, labels = md.evaluation.collect_features(model, ds, batch_size=3)
+    assert feats["plane"].shape[0] == len(ds) and labels["plane"].dtype == torch.long
+    assert labels["plane"][3] == ds[3][1]["plane"]
 
 
 def test_fetal_planes_db_val_split_is_patient_disjoint(fpdb):
@@ -225,7 +219,7 @@ def test_african_fetal_planes(african):
     # patient 1 of Algeria and patient 1 of Egypt are different patients
     assert len(train | val) == 9 and len(test) == 6
     assert sum(len(source[s]) for s in source) == 60
-    check_contract(source)
+    check_dataset(source)
 
 
 def test_african_fetal_planes_missing_and_holdout(african):
@@ -262,7 +256,7 @@ def test_csv_images_split_column_and_unlabelled(tmp_path):
     assert source.input_shape == (3, *SIZE)
     grades = torch.cat([source[s].labels["grade"] for s in source])
     assert int((grades == -1).sum()) == 5  # empty cells are unlabelled
-    check_contract(source)
+    check_dataset(source)
     with pytest.raises(DataError, match=r"no label column 'grad'.*Did you mean 'grade'"):
         csv_images(str(csv), "file", ["grad"])
 
@@ -305,7 +299,7 @@ def test_folder_images(tmp_path):
     assert [t.name for t in source.tasks] == ["machine", "animal"]
     assert source.tasks[1].classes == ["cat", "dog"]
     assert sum(len(source[s]) for s in source) == 20 and len(source["unseen"]) == 5
-    check_contract(source)
+    check_dataset(source)
     single = folder_images(str(tmp_path / "voluson"), image_size=SIZE)
     assert single.tasks[0].name == "label" and len(single["train"]) + len(single["val"]) + len(single["test"]) == 10
 

@@ -7,13 +7,13 @@ from importlib import import_module
 
 import pytest
 import torch
+from conftest import iterate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mtdisent as md
-from mtdisent._data import resolve_data
-from mtdisent._engine._loop import Trainer, build_objective, validation_leakage
 from mtdisent._heads import HeadGroup, MLPHead
+from mtdisent.engine import Selection, build_loop, validation_leakage
 from mtdisent.testing import check_objective
 
 TINY = {"name": "dltk_residual", "args": {"filters": [4, 8], "strides": [1, 2], "output": "pool"}}
@@ -115,15 +115,15 @@ def test_reinit_rotates_through_members_on_schedule_and_resume_is_exact(tmp_path
 
 def test_reinit_restarts_the_adversary_optimiser():
     e = experiment(reinit_every=2, training={"iterations": 2})
-    trainer = Trainer(e, resolve_data(e, None), torch.device("cpu"))
-    trainer.iterate()
-    assert trainer.adv_opt.state  # SGD momentum buffers exist after an adversary step
-    trainer.iterate()  # iteration index 1: no re-initialisation yet
-    trainer.iteration = 2
-    w = trainer.model.adversaries["shape->background"]._stack.out_weight.detach().clone()
-    member = trainer.reinitialise_adversaries()
-    assert member == 0 and not trainer.adv_opt.state
-    assert not torch.equal(w, trainer.model.adversaries["shape->background"]._stack.out_weight)
+    loop = build_loop(e)
+    step = loop.step
+    iterate(loop)
+    assert step.adversary_optimizer.state  # SGD momentum buffers exist after an adversary step
+    iterate(loop)  # iteration index 1: no re-initialisation yet
+    w = loop.model.adversaries["shape->background"]._stack.out_weight.detach().clone()
+    member = step.reinitialise_adversaries(2)
+    assert member == 0 and not step.adversary_optimizer.state
+    assert not torch.equal(w, loop.model.adversaries["shape->background"]._stack.out_weight)
 
 
 # -- HSIC ----------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_hsic_rejects_bad_arguments_by_name():
     with pytest.raises(md.ComponentError, match="min_group"):
         hsic(min_group=1)
     with pytest.raises(md.ComponentError, match="'kernal'.*kernel"):
-        build_objective(experiment(objective={"name": "hsic", "args": {"kernal": "linear"}}))
+        md.objectives.create("hsic", {"kernal": "linear"})
 
 
 def test_hsic_alone_adds_its_penalty_and_keeps_adversaries_as_monitors():
@@ -210,16 +210,23 @@ def test_validation_leakage_reads_what_the_features_carry():
 
 
 def test_selection_prefers_checkpoints_within_the_leakage_limit():
-    e = experiment(training={"leakage_limit": 0.2, "iterations": 1})
-    trainer = Trainer(e, resolve_data(e, None), torch.device("cpu"))
-    assert trainer.is_better({"val_score": 0.5, "val_leakage": 0.9})
-    trainer.best = {"val_score": 0.9, "val_leakage": 0.5}
-    assert trainer.is_better({"val_score": 0.6, "val_leakage": 0.1})  # within the limit beats outside it
-    assert trainer.is_better({"val_score": 0.5, "val_leakage": 0.4})  # both outside: lower leakage wins
-    trainer.best = {"val_score": 0.8, "val_leakage": 0.1}
-    assert not trainer.is_better({"val_score": 0.99, "val_leakage": 0.3})
-    assert trainer.is_better({"val_score": 0.81, "val_leakage": 0.15})
-    assert not trainer.is_better({"val_score": 0.79, "val_leakage": 0.0})
+    rule = Selection.from_spec(experiment(training={"leakage_limit": 0.2}).training)
+
+    def val(score, leakage):
+        return {"val_mean_acc": score, "val_leakage": leakage}
+
+    assert rule.is_better(val(0.5, 0.9), None)
+    best = val(0.9, 0.5)
+    assert rule.is_better(val(0.6, 0.1), best)  # within the limit beats outside it
+    assert rule.is_better(val(0.5, 0.4), best)  # both outside: lower leakage wins
+    assert not rule.is_better(val(0.5, 0.6), best)
+    best = val(0.8, 0.1)
+    assert not rule.is_better(val(0.99, 0.3), best)
+    assert rule.is_better(val(0.81, 0.15), best)
+    assert not rule.is_better(val(0.79, 0.0), best)
+    assert Selection("mean_acc", "min").is_better(val(0.1, 0), val(0.2, 0))  # a metric to minimise
+    with pytest.raises(md.SpecError, match="select_metric.*'mean_acc'"):
+        Selection("mean_accuracy").is_better(val(0.1, 0), val(0.2, 0))
 
 
 def test_validate_reports_leakage_per_pair_when_a_limit_is_set():
@@ -232,11 +239,28 @@ def test_validate_reports_leakage_per_pair_when_a_limit_is_set():
     )
 
 
-def test_evaluating_a_run_at_best_uses_the_selected_checkpoint(tmp_path, monkeypatch):
-    # the trainer marks only the first validation (iteration 2) best; the run then trains on to iteration 6
-    monkeypatch.setattr(Trainer, "is_better", lambda self, val: self.best is None)
-    e = experiment(training={"iterations": 6, "eval_every": 2, "checkpoint_every": 6})
-    on_disk, in_memory = md.train(e, out_dir=tmp_path, quiet=True), md.train(e, quiet=True)
+class FirstIsBest(md.Metric):
+    """A validation metric that falls with every validation: selecting on it keeps the first checkpoint."""
+
+    def __init__(self):
+        super().__init__()
+        self.validations = 0
+
+    def update(self, logits, labels):
+        pass
+
+    def compute(self):
+        self.validations += 1
+        return {"first": -float(self.validations)}
+
+
+def test_evaluating_a_run_at_best_uses_the_selected_checkpoint(tmp_path):
+    # selection on FirstIsBest marks only the first validation (iteration 2) best; the run trains on to 6
+    e = experiment(training={"iterations": 6, "eval_every": 2, "checkpoint_every": 6, "select_metric": "first"})
+    on_disk = md.train(e, out_dir=tmp_path, quiet=True, metrics=[FirstIsBest()])
+    in_memory = md.train(e, quiet=True, metrics=[FirstIsBest()])
+    assert [h["val_first"] for h in on_disk.history if "val_first" in h] == [-1.0, -2.0, -3.0]
+    assert on_disk.best["val_score"] == -1.0
     assert on_disk.best["iteration"] == in_memory.best["iteration"] == 2
     saved = md.load(tmp_path / "checkpoints" / "best").state_dict()
     for run in (on_disk, in_memory):

@@ -4,17 +4,15 @@ import pickle
 
 import pytest
 import torch
-from conftest import ToyDataset, toy_experiment
+from conftest import ToyDataset, iterate, toy_experiment
 
 import mtdisent as md
-from mtdisent._data import resolve_data
-from mtdisent._engine._loop import Trainer, lambda_schedule, masked_cross_entropy
+from mtdisent.engine import build_loop, lambda_schedule, masked_cross_entropy
 
 
 def trainer_for(data_size=120, **overrides):
     e = toy_experiment(**overrides)
-    data = {"train": ToyDataset(data_size), "val": ToyDataset(40, seed=1)}
-    return Trainer(e, resolve_data(e, data), torch.device("cpu"))
+    return build_loop(e, {"train": ToyDataset(data_size), "val": ToyDataset(40, seed=1)})
 
 
 def snapshot(module):
@@ -29,7 +27,7 @@ def changed(before, module):
 def test_main_step_leaves_adversaries_untouched(objective):
     tr = trainer_for(adversary={"objective": objective})
     adv, enc, cls = snapshot(tr.model.adversaries), snapshot(tr.model.encoders), snapshot(tr.model.classifiers)
-    tr.main_step(lam=0.5)
+    tr.step.main_step(lam=0.5)
     assert changed(adv, tr.model.adversaries) == set()  # weights and BatchNorm statistics
     assert changed(enc, tr.model.encoders) and changed(cls, tr.model.classifiers)
 
@@ -37,10 +35,10 @@ def test_main_step_leaves_adversaries_untouched(objective):
 @pytest.mark.parametrize("features", ["fresh", "reuse"])
 def test_adversary_steps_leave_encoders_and_classifiers_untouched(features):
     tr = trainer_for(adversary={"features": features})
-    _, feats, y = tr.main_step(lam=0.5)
+    _, feats, y = tr.step.main_step(lam=0.5)
     enc, cls, adv = snapshot(tr.model.encoders), snapshot(tr.model.classifiers), snapshot(tr.model.adversaries)
     for _ in range(3):
-        tr.adversary_step(feats if features == "reuse" else None, y if features == "reuse" else None)
+        tr.step.adversary_step(feats if features == "reuse" else None, y if features == "reuse" else None)
     assert changed(enc, tr.model.encoders) == set()  # fresh passes restore BatchNorm running statistics
     assert changed(cls, tr.model.classifiers) == set()
     assert changed(adv, tr.model.adversaries)
@@ -49,15 +47,15 @@ def test_adversary_steps_leave_encoders_and_classifiers_untouched(features):
 def test_fresh_features_draw_new_batches_and_reuse_does_not():
     fresh = trainer_for(adversary={"features": "fresh"})
     reuse = trainer_for(adversary={"features": "reuse"})
-    fresh.iterate()
-    reuse.iterate()
-    assert fresh.stream.offset == 20 * 3 and reuse.stream.offset == 20  # 1 main + 2 adversary batches
+    iterate(fresh)
+    iterate(reuse)
+    assert fresh.feed.stream.offset == 20 * 3 and reuse.feed.stream.offset == 20  # 1 main + 2 adversary batches
 
 
 def test_gradient_reversal_updates_adversaries_in_the_main_step():
     tr = trainer_for(adversary={"objective": "gradient_reversal", "steps": 0})
     adv = snapshot(tr.model.adversaries)
-    tr.main_step(lam=0.5)
+    tr.step.main_step(lam=0.5)
     assert changed(adv, tr.model.adversaries)
 
 
@@ -88,19 +86,19 @@ def test_encoder_update_opposes_the_adversary(objective):
         },
         data_size=40,
     )
-    ds = tr.train_batches.dataset
+    ds = tr.feed.view.dataset
     x, y = ds.x[:40], ds.b[:40]
     adv = tr.model.adversaries["a->b"]
     for _ in range(50):  # teach the adversary first, so it is far from uniform
-        tr.adversary_step({"a": tr.model.encoders["a"](x).detach()}, {"a": ds.a[:40], "b": y})
+        tr.step.adversary_step({"a": tr.model.encoders["a"](x).detach()}, {"a": ds.a[:40], "b": y})
     if objective == "gradient_reversal":  # keep the adversary fixed to isolate the encoder's move
         for p in tr.model.adversary_parameters():
             p.requires_grad_(False)
-        tr.adv_params = []
+        tr.step.adversary_params = []
     assert adv is tr.model.adversary("a", "b")
     before_logits, before_ce = _adversary_view(tr, x, y)
     for _ in range(5):
-        tr.main_step(lam=1.0)
+        tr.step.main_step(lam=1.0)
     after_logits, after_ce = _adversary_view(tr, x, y)
     if objective == "confusion":
         uniform = torch.full_like(before_logits, 1 / 3)
@@ -119,17 +117,27 @@ def test_masked_labels_contribute_no_gradient():
 
 
 def test_unlabelled_task_gives_its_classifier_and_adversaries_no_gradient():
-    # the separate path owns one module per head, so per-head gradients can be read directly; the stacked
-    # path is proved equal to it in test_execution.py
-    tr = trainer_for(adversary={"steps": 0}, training={"l2": 0.0}, execution={"heads": "separate"})
-    ds = tr.train_batches.dataset
+    # the separate path owns one module per head, so per-head gradients can be read directly (the stacked path
+    # is proved equal to it in test_execution.py); gradient reversal trains the adversaries in the main step,
+    # so their gradients there exist: the adversary predicting the unlabelled task must get none, the other some
+    tr = trainer_for(
+        adversary={"steps": 0, "objective": "gradient_reversal", "ensemble": 1},
+        training={"l2": 0.0},
+        execution={"heads": "separate"},
+    )
+    ds = tr.feed.view.dataset
     ds.drop_b[:] = True  # nobody labelled for task b
     tr.model.zero_grad(set_to_none=True)
-    metrics, _, _ = tr.main_step(lam=1.0)
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in tr.model.classifiers["b"].parameters())
+    tr.step.main_optimizer.zero_grad = lambda set_to_none=True: None  # keep the gradients for inspection
+    tr.step.adversary_optimizer.zero_grad = lambda set_to_none=True: None
+    metrics, _, _ = tr.step.main_step(lam=1.0)
+
+    def got_gradient(module):
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    assert not got_gradient(tr.model.classifiers["b"]) and got_gradient(tr.model.classifiers["a"])
     assert "acc/b" not in metrics and "acc/a" in metrics
-    adv_ab = list(tr.model.adversaries["a->b"].parameters())
-    assert all(p.grad is None for p in adv_ab)
+    assert not got_gradient(tr.model.adversaries["a->b"]) and got_gradient(tr.model.adversaries["b->a"])
 
 
 def test_partial_labels_train_end_to_end():
@@ -146,7 +154,7 @@ def test_lambda_schedules():
     assert lambda_schedule("sigmoid", 0, 0, 100) == 0.0
     assert lambda_schedule("sigmoid", 50, 0, 100) == pytest.approx(2 / (1 + math.exp(-5)) - 1)
     tr = trainer_for(adversary={"schedule": "linear", "warmup": 4})
-    assert [tr.iterate()["lambda"] for _ in range(5)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
+    assert [iterate(tr)["lambda"] for _ in range(5)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
 
 
 def _state(model):
@@ -206,11 +214,14 @@ def test_corrupt_or_truncated_checkpoints_are_refused_by_name(tmp_path):
     (ckpt / "state.json").write_text("{trunc")
     with pytest.raises(md.CheckpointError, match="state.json"):
         md.load(ckpt)
-    # resume skips the broken newest checkpoint and continues from the previous valid one
-    run = md.train(
-        toy_experiment(training={"iterations": 8}), data=ToyDataset(), out_dir=tmp_path, resume=True, quiet=True
-    )
+    # resume skips the broken newest checkpoint, saying so by name, and continues from the previous valid one
+    with pytest.warns(md.engine.CheckpointWarning, match=r"iter-00000006.*state\.json"):
+        run = md.train(
+            toy_experiment(training={"iterations": 8}), data=ToyDataset(), out_dir=tmp_path, resume=True, quiet=True
+        )
     assert run.iteration == 8
+    iterations = [json.loads(line)["iteration"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert iterations == list(range(1, 9))  # logged once each: what followed the resumed checkpoint was cut
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(md.CheckpointError, match="model.safetensors"):
         md.load(tmp_path)
@@ -299,7 +310,9 @@ def test_paper_preset_hyperparameters_reach_the_optimisers():
     e = e.model_copy(
         update={"backbone": md.Component(name="dltk_residual", args={"filters": [2, 2], "strides": [1, 8]})}
     )
-    tr = Trainer(e, resolve_data(e, {"train": ToyDataset(4, size=16)}), torch.device("cpu"))
-    assert isinstance(tr.main_opt, torch.optim.Adam) and tr.main_opt.defaults["betas"] == (0.0, 0.9)
-    assert tr.main_opt.defaults["lr"] == 1e-5 and tr.main_opt.defaults["eps"] == 1e-5
-    assert isinstance(tr.adv_opt, torch.optim.SGD) and tr.adv_opt.defaults["momentum"] == 0.9
+    step = build_loop(e, {"train": ToyDataset(4, size=16)}).step
+    assert isinstance(step.main_optimizer, torch.optim.Adam) and step.main_optimizer.defaults["betas"] == (0.0, 0.9)
+    assert step.main_optimizer.defaults["lr"] == 1e-5 and step.main_optimizer.defaults["eps"] == 1e-5
+    assert (
+        isinstance(step.adversary_optimizer, torch.optim.SGD) and step.adversary_optimizer.defaults["momentum"] == 0.9
+    )

@@ -4,12 +4,10 @@ import math
 import pytest
 import torch
 
-import mtdisent as md
 from mtdisent.evaluation import (
     EvaluationError,
     LeakageMatrix,
     Probe,
-    collect_features,
     leakage_matrix,
     majority_rate,
     normalised_leakage,
@@ -210,78 +208,3 @@ def test_leakage_matrix_errors_name_the_task():
         leakage_matrix(f, y, f, y, k, kind="svm")
     m = leakage_matrix(f, y, f, y, k, tasks=["c", "a"], epochs=1)
     assert m.tasks == ["c", "a"] and set(m.accuracy) == {("c", "c"), ("c", "a"), ("a", "c"), ("a", "a")}
-
-
-# ----------------------------------------------------------------------------------------------------
-# collect_features
-# ----------------------------------------------------------------------------------------------------
-class ItemDataset(torch.utils.data.Dataset):
-    """Data contract items; 'shadow' is missing for every third sample."""
-
-    def __init__(self, n=10):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 1, 16, 24, generator=g)
-        self.plane = torch.randint(0, 3, (n,), generator=g)
-        self.shadow = torch.randint(0, 2, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.plane)
-
-    def __getitem__(self, i):
-        labels = {"plane": int(self.plane[i])}
-        if i % 3:
-            labels["shadow"] = torch.tensor(int(self.shadow[i]))
-        return self.x[i], labels
-
-
-class TensorDataset(ItemDataset):
-    """The same data exposing ``images`` and ``labels`` (the fast path); 'shadow' absent altogether."""
-
-    def __init__(self, n=10):
-        super().__init__(n)
-        self.images = self.x
-        self.labels = {"plane": self.plane}
-
-
-def test_collect_features_item_path(two_tasks):
-    model = md.build_model(two_tasks)
-    model.train()
-    ds = ItemDataset(10)
-    feats, labels = collect_features(model, ds, batch_size=4)
-    assert model.training  # mode restored
-    assert set(feats) == set(labels) == {"plane", "shadow"}
-    assert feats["plane"].shape == (10, 16 * 4 * 6)
-    assert torch.allclose(feats["plane"], model.features(ds.x)["plane"], atol=1e-5)
-    assert labels["plane"].tolist() == ds.plane.tolist()
-    assert labels["shadow"].tolist() == [-1 if i % 3 == 0 else int(ds.shadow[i]) for i in range(10)]
-    pen, _ = collect_features(model, ds, layer="penultimate")
-    assert pen["shadow"].shape == (10, 8)
-    # collected features are ordinary tensors a probe can be trained on (not inference-mode tensors)
-    probe = train_probe(feats["plane"], labels["plane"], 3, epochs=2)
-    assert 0.0 <= probe_accuracy(probe, feats["plane"], labels["plane"]) <= 1.0
-
-
-def test_collect_features_fast_path_matches_item_path(two_tasks):
-    model = md.build_model(two_tasks)
-    fast, fast_labels = collect_features(model, TensorDataset(10), batch_size=3)
-    slow, _ = collect_features(model, ItemDataset(10), batch_size=7)
-    assert torch.allclose(fast["plane"], slow["plane"], atol=1e-5)
-    assert fast_labels["shadow"].tolist() == [-1] * 10  # no labels for the task at all
-    _, item_labels = collect_features(model, TensorDataset(10), use_tensors=False)
-    assert item_labels["shadow"].tolist() == [-1 if i % 3 == 0 else int(TensorDataset(10).shadow[i]) for i in range(10)]
-
-
-def test_collect_features_rejects_bad_layer_and_items(two_tasks):
-    model = md.build_model(two_tasks)
-    with pytest.raises(EvaluationError, match="unknown layer 'logits'"):
-        collect_features(model, ItemDataset(2), layer="logits")
-
-    class Bad(torch.utils.data.Dataset):
-        def __len__(self):
-            return 2
-
-        def __getitem__(self, i):
-            return torch.zeros(1, 16, 24)
-
-    with pytest.raises(EvaluationError, match=r"sample 0: expected \(image, labels dict\)"):
-        collect_features(model, Bad())

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import iterate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mtdisent as md
-from mtdisent._data import resolve_data
-from mtdisent._engine._loop import Trainer
+from mtdisent.engine import build_loop
 
 
 class NTaskData(torch.utils.data.Dataset):
@@ -45,7 +45,7 @@ def trainers(classes, mask, objective, features="reuse", unlabelled=0.0, optimiz
     out = []
     for heads in ("stacked", "separate"):
         e = experiment(classes, mask, objective, heads, features, optimizer=optimizer)
-        out.append(Trainer(e, resolve_data(e, {"train": data}), torch.device("cpu")))
+        out.append(build_loop(e, {"train": data}))
     return out
 
 
@@ -70,7 +70,7 @@ def test_stacked_and_separate_paths_agree(classes, data, objective, features):
     fast, ref = trainers(classes, mask, objective, features, unlabelled=0.2, optimizer="sgd")
     assert_states_close(fast.model, ref.model, atol=0)  # same initial weights
     for _ in range(4):
-        mf, mr = fast.iterate(), ref.iterate()
+        mf, mr = iterate(fast), iterate(ref)
         for key in ("loss/main", *[k for k in mr if k.startswith(("acc/", "adv_acc/"))]):
             assert mf[key] == pytest.approx(mr[key], abs=1e-4), key
     assert_states_close(fast.model, ref.model)
@@ -79,7 +79,7 @@ def test_stacked_and_separate_paths_agree(classes, data, objective, features):
 def test_gate_twenty_steps_of_the_paper_like_configuration():
     fast, ref = trainers([3, 2, 4, 2], [True] * 12, "minmax", "fresh")  # Adam, the library default
     for step in range(20):
-        mf, mr = fast.iterate(), ref.iterate()
+        mf, mr = iterate(fast), iterate(ref)
         assert mf["loss/main"] == pytest.approx(mr["loss/main"], rel=2e-3, abs=2e-3), step
     assert_states_close(fast.model, ref.model, atol=5e-3)
 

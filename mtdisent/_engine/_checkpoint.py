@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,11 @@ from .._spec import Experiment
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWarning",
     "FORMAT_VERSION",
+    "pack_state",
+    "unpack_state",
+    "set_aside",
     "write_checkpoint",
     "read_checkpoint",
     "latest_checkpoint",
@@ -43,12 +49,46 @@ __all__ = [
     "load",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE = {1, 2}  # version 1 (mtdisent 0.1) checkpoints still load as models; only version 2 resumes
 _ITER_DIR = re.compile(r"^iter-(\d{8})$")
+_TENSOR, _ITEMS = "__tensor__", "__items__"
 
 
 class CheckpointError(MtdisentError):
     """A checkpoint is missing, truncated, corrupt or of an unknown format; the message names the file."""
+
+
+def pack_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """A JSON-able copy of a nested state (dicts, lists, numbers, tensors): tensors move into ``tensors``.
+
+    Each tensor is replaced by ``{"__tensor__": key}`` with ``key`` its name in ``tensors``; a dict with keys
+    that are not strings (optimiser states are keyed by parameter index) becomes ``{"__items__": [[k, v], ...]}``.
+    :func:`unpack_state` is the inverse.
+    """
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj
+        return {_TENSOR: prefix}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: pack_state(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}
+        return {_ITEMS: [[k, pack_state(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [pack_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def unpack_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The nested state :func:`pack_state` packed, tensors put back."""
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR}:
+            return tensors[obj[_TENSOR]]
+        if set(obj) == {_ITEMS}:
+            return {k: unpack_state(v, tensors) for k, v in obj[_ITEMS]}
+        return {k: unpack_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unpack_state(v, tensors) for v in obj]
+    return obj
 
 
 def _fsync_dir(path: Path) -> None:
@@ -76,11 +116,43 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _share(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _share(path: Path, directory: bool = False) -> None:
+    """Give a file or directory made by ``tempfile`` (0600 / 0700) the permissions the umask allows.
+
+    As ``open``/``mkdir`` would, so colleagues on a shared server can read a run.
+    """
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move a run directory's training outputs (checkpoints, metrics, model) into ``discarded-<time>/`` inside it.
+
+    Used when training restarts from iteration 0: nothing is deleted. Returns the folder, ``None`` if there
+    was nothing to move.
+    """
+    names = ["checkpoints", "metrics.jsonl", "model.safetensors", "model.json", "tensorboard"]
+    present = [n for n in names if (Path(run_dir) / n).exists()]
+    if not present:
+        return None
+    target = Path(run_dir) / f"discarded-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.mkdir()
+    for n in present:
+        os.replace(Path(run_dir) / n, target / n)
+    return target
 
 
 def _sha256(path: Path) -> str:
@@ -111,6 +183,9 @@ def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: d
         state_file = tmp / "state.json"
         state_file.write_text(json.dumps(full, indent=1, sort_keys=True), encoding="utf-8")
         _fsync_file(state_file)
+        for f in (tensor_file, state_file):
+            _share(f)
+        _share(tmp, directory=True)
         _fsync_dir(tmp)
         if directory.exists():  # replace: move the old one aside first, then drop it
             old = directory.parent / f".old-{directory.name}-{os.getpid()}"
@@ -137,10 +212,11 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
         state = json.loads(state_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint file {str(state_file)!r} is corrupt or truncated: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+    if not isinstance(state, dict) or state.get("format_version") not in _READABLE:
         version = state.get("format_version") if isinstance(state, dict) else None
         raise CheckpointError(
-            f"checkpoint file {str(state_file)!r} has format_version {version!r}; this mtdisent reads {FORMAT_VERSION}"
+            f"checkpoint file {str(state_file)!r} has format_version {version!r}; this mtdisent reads "
+            f"{' and '.join(map(str, sorted(_READABLE)))}"
         )
     if _sha256(tensor_file) != state.get("tensors_sha256"):
         raise CheckpointError(
@@ -161,14 +237,38 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and _ITER_DIR.match(p.name))
 
 
+class CheckpointWarning(UserWarning):
+    """A corrupt checkpoint was skipped in favour of an older valid one; the message names it."""
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies; corrupt newer ones are skipped (a crash mid-write)."""
-    for d in reversed(checkpoint_dirs(run_dir)):
+    """The newest checkpoint that verifies, ``None`` when the run has none.
+
+    Checkpoints are written atomically, so a crash never leaves a corrupt one that looks complete; a newer
+    checkpoint that does not verify has been damaged since. It is skipped with a :class:`CheckpointWarning`
+    naming it (never silently), and left in place.
+
+    Raises:
+        CheckpointError: checkpoints exist but none verifies; the message names each one and why.
+    """
+    dirs = checkpoint_dirs(run_dir)
+    errors: list[CheckpointError] = []
+    for d in reversed(dirs):
         try:
             read_checkpoint(d)
-        except CheckpointError:
+        except CheckpointError as exc:
+            errors.append(exc)
             continue
+        for error in errors:
+            warnings.warn(
+                f"skipping a corrupt checkpoint, using {d.name} instead: {error}", CheckpointWarning, stacklevel=2
+            )
         return d
+    if errors:
+        reasons = "; ".join(str(e) for e in errors)
+        raise CheckpointError(
+            f"none of the {len(dirs)} checkpoints in {str(Path(run_dir) / 'checkpoints')!r} verifies: {reasons}"
+        )
     return None
 
 
@@ -198,6 +298,7 @@ def export_model(run_dir: Path, model: MultiTaskModel, extra: dict[str, Any] | N
     try:
         save_file(_contiguous(model.state_dict()), tmp)
         _fsync_file(Path(tmp))
+        _share(Path(tmp))
         state["tensors_sha256"] = _sha256(Path(tmp))
         os.replace(tmp, run_dir / "model.safetensors")
     except BaseException:

@@ -1,15 +1,24 @@
-"""Deterministic, resumable batch streams over a map-style dataset."""
+"""The training data feed: a seeded, resumable stream of batches through a ``DataLoader``.
+
+:class:`BatchStream` decides the order: seeded permutations, epoch after epoch, state ``(epoch, offset)``. The
+:class:`TrainFeed` gives it to a ``DataLoader`` as its batch sampler (worker processes may fetch ahead) and keeps
+its own copy advanced by the batches actually *consumed*, so a checkpoint records exactly what training has
+seen, whatever the workers prefetched; a restored feed starts a new loader at that position. Random horizontal
+flips are drawn in the main process from their own generator. Under ``torchrun`` every rank draws the same
+global batch and takes its slice ``rank::world``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from .._data import DataError, check_item, collate, dataset_length
-from .._spec import Experiment
+from .._data import Batch, ContractView, DataError, _no_labels_message, make_loader
+from ._distributed import DistInfo
 
-__all__ = ["BatchStream", "Batches"]
+__all__ = ["BatchStream", "TrainFeed"]
 
 
 class BatchStream:
@@ -53,55 +62,108 @@ class BatchStream:
         self._perm = self._permutation(self.epoch)
 
 
-class Batches:
-    """Fetches batches from a dataset in the data contract, validating samples.
+class _StreamSampler:
+    """A batch sampler replaying a :class:`BatchStream` from a saved position: this rank's slice of each batch."""
 
-    Datasets exposing ``images`` (N, C, H, W) and ``labels`` ({task: LongTensor[N]}) tensors are checked
-    once, vectorised, and then indexed directly; others are checked sample by sample as they are fetched.
+    def __init__(self, n: int, batch_size: int, seed: int, state: dict[str, int], rank: int, world: int) -> None:
+        self.args, self.state, self.rank, self.world = (n, batch_size, seed), state, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        stream = BatchStream(*self.args)
+        stream.load_state_dict(self.state)
+        while True:
+            yield stream.next()[self.rank :: self.world].tolist()
+
+
+class TrainFeed:
+    """Training batches on the device: the seeded stream, fetched by a ``DataLoader``, randomly flipped.
+
+    Args:
+        view: The training split through the data contract.
+        batch_size: The global batch size (every rank trains on ``batch_size / world`` of it).
+        seed: Seed of the order and the flips.
+        hflip: Random horizontal flips.
+        dist: The process's place in a distributed run.
+        device: Where batches go.
+        num_workers: DataLoader worker processes (0: fetch in this process).
     """
 
-    def __init__(self, dataset: Any, experiment: Experiment, input_shape: tuple[int, int, int], split: str) -> None:
-        self.dataset, self.experiment, self.input_shape, self.split = dataset, experiment, input_shape, split
-        self.n = dataset_length(dataset, split)
-        self.fast = isinstance(getattr(dataset, "images", None), torch.Tensor) and isinstance(
-            getattr(dataset, "labels", None), dict
+    def __init__(
+        self,
+        view: ContractView,
+        batch_size: int,
+        seed: int,
+        hflip: bool,
+        dist: DistInfo,
+        device: torch.device,
+        num_workers: int = 0,
+    ) -> None:
+        self.view, self.hflip, self.dist, self.device, self.num_workers = view, hflip, dist, device, num_workers
+        self.stream = BatchStream(view.n, batch_size, seed)
+        self.flip_rng = torch.Generator().manual_seed(seed + 7919)
+        self.seed = seed
+        self._batches: Iterator[Batch] | None = None
+        # without a label table, whether every task has a label is known after one pass over the data
+        self._labelled: dict[str, bool] | None = (
+            None if view.table is not None or dist.enabled else dict.fromkeys(view.tasks, False)
         )
-        if self.fast:
-            self._check_tensors()
 
-    def _check_tensors(self) -> None:
-        images, labels = self.dataset.images, self.dataset.labels
-        where = f"split {self.split!r}"
-        if images.ndim != 4 or tuple(images.shape[1:]) != tuple(self.input_shape) or len(images) != self.n:
-            raise DataError(
-                f"{where}: images tensor has shape {tuple(images.shape)}, expected ({self.n}, *{self.input_shape})"
-            )
-        bad = (~torch.isfinite(images.flatten(1))).any(dim=1).nonzero()
-        if len(bad):
-            raise DataError(f"{where}, sample {int(bad[0])}: image contains NaN or inf values")
-        for name, y in labels.items():
-            if name not in self.experiment.task_names:
-                continue
-            k = self.experiment.task(name).n_classes
-            wrong = ((y < -1) | (y >= k)).nonzero()
-            if len(wrong):
-                i = int(wrong[0])
-                raise DataError(
-                    f"{where}, sample {i}, task {name!r}: label {int(y[i])} is out of range; expected 0..{k - 1} or -1"
-                )
+    def _start(self) -> Iterator[Batch]:
+        sampler = _StreamSampler(
+            self.view.n,
+            self.stream.batch_size,
+            self.stream.seed,
+            self.stream.state_dict(),
+            self.dist.rank,
+            self.dist.world,
+        )
+        return make_loader(
+            self.view,
+            sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            seed=self.seed * 1_000_003 + self.stream.epoch * 1009 + self.stream.offset,
+        )
 
-    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(images (B, C, H, W), {task: LongTensor[B]})`` for the given dataset indices."""
-        if self.fast:
-            labels = self.dataset.labels
-            unlabelled = torch.full((len(indices),), -1, dtype=torch.long)
-            ys = {t: labels[t][indices].long() if t in labels else unlabelled for t in self.experiment.task_names}
-            return self.dataset.images[indices].float(), ys
-        idx = indices.tolist()
-        items = [self.dataset[i] for i in idx]
-        for item, i in zip(items, idx, strict=True):
-            try:
-                check_item(item, i, self.experiment, self.input_shape)
-            except DataError as exc:
-                raise DataError(f"split {self.split!r}, {exc}") from None
-        return collate(items, idx, self.experiment, self.input_shape, check=False)
+    def next(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The next batch ``(images (B, C, H, W), {task: (B,)})`` on the device, randomly flipped."""
+        if self._batches is None:
+            self._batches = self._start()
+        indices = self.stream.next()  # the global batch, identical on every rank
+        flip = torch.rand(len(indices), generator=self.flip_rng) < 0.5  # (B,)
+        rank, world = self.dist.rank, self.dist.world
+        x, y, got = next(self._batches)  # this rank's slice (B / world)
+        if not torch.equal(got, indices[rank::world]):  # the loader replays the same stream: a cheap guard
+            raise RuntimeError("the data loader's batch order departed from the training stream")
+        if self.hflip:
+            x = torch.where(flip[rank::world, None, None, None], x.flip(-1), x)
+        if self._labelled is not None:
+            self._check_labels(y)
+        non_blocking = self.device.type == "cuda"
+        return x.to(self.device, non_blocking=non_blocking), {k: v.to(self.device) for k, v in y.items()}
+
+    def _check_labels(self, y: dict[str, torch.Tensor]) -> None:
+        assert self._labelled is not None
+        for t, v in y.items():
+            self._labelled[t] = self._labelled[t] or bool((v >= 0).any())
+        if self.stream.epoch >= 1:  # a full pass is done
+            missing = [t for t, seen in self._labelled.items() if not seen]
+            if missing:
+                raise DataError(_no_labels_message(self.view.split, missing[0]))
+            self._labelled = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position (consumed batches) and the flip generator's state."""
+        return {"stream": self.stream.state_dict(), "flip_rng": self.flip_rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; the loader restarts there."""
+        self.stream.load_state_dict(state["stream"])
+        self.flip_rng.set_state(state["flip_rng"])
+        self.close()
+
+    def close(self) -> None:
+        """Stop the loader (its worker processes); the next batch starts a new one."""
+        if self._batches is not None:
+            self._batches.close()  # type: ignore[attr-defined]
+            self._batches = None

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from ._features import LAYERS, collect_features
+from ._metric import Accuracy, Metric
 from ._metrics import (
     UNLABELLED,
     CombinationSummary,
@@ -31,11 +33,9 @@ from ._metrics import (
     task_metrics,
 )
 from ._probes import (
-    LAYERS,
     PROBE_KINDS,
     LeakageMatrix,
     Probe,
-    collect_features,
     leakage_matrix,
     probe_accuracy,
     train_probe,
@@ -48,6 +48,8 @@ __all__ = [
     "SplitError",
     "SplitWarning",
     # metrics
+    "Metric",
+    "Accuracy",
     "UNLABELLED",
     "confusion_matrix",
     "accuracy",

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .._data import UNLABELLED
 from .._errors import MtdisentError
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "balanced_accuracy",
     "per_class_accuracy",
     "task_metrics",
+    "metrics_from_confusion",
     "combination_accuracy",
     "seen_combinations",
     "combination_summary",
@@ -35,8 +37,6 @@ __all__ = [
     "mean_std",
     "format_mean_std",
 ]
-
-UNLABELLED = -1
 
 
 class EvaluationError(MtdisentError, ValueError):
@@ -166,9 +166,7 @@ def per_class_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: in
     Returns:
         K entries; ``None`` for a class with no labelled sample in ``target``.
     """
-    cm = confusion_matrix(pred, target, num_classes)
-    support = cm.sum(1)
-    return [float(cm[c, c]) / float(support[c]) if support[c] > 0 else None for c in range(cm.shape[0])]
+    return metrics_from_confusion(confusion_matrix(pred, target, num_classes)).per_class_accuracy
 
 
 def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
@@ -209,18 +207,8 @@ class TaskMetrics:
         return _nan_to_none(asdict(self))
 
 
-def task_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> TaskMetrics:
-    """All per-task metrics at once.
-
-    Args:
-        pred: ``LongTensor[N]`` predicted classes.
-        target: ``LongTensor[N]`` true classes, ``-1`` for unlabelled samples (excluded).
-        num_classes: Number of classes K.
-
-    Returns:
-        A :class:`TaskMetrics`.
-    """
-    cm = confusion_matrix(pred, target, num_classes)
+def metrics_from_confusion(cm: torch.Tensor) -> TaskMetrics:
+    """:class:`TaskMetrics` from a (K, K) confusion matrix (rows true classes, columns predicted classes)."""
     n = int(cm.sum())
     support = cm.sum(1)
     per_class = [float(cm[c, c]) / float(support[c]) if support[c] > 0 else None for c in range(cm.shape[0])]
@@ -232,6 +220,20 @@ def task_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> 
         confusion=cm.tolist(),
         n=n,
     )
+
+
+def task_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> TaskMetrics:
+    """All per-task metrics at once.
+
+    Args:
+        pred: ``LongTensor[N]`` predicted classes.
+        target: ``LongTensor[N]`` true classes, ``-1`` for unlabelled samples (excluded).
+        num_classes: Number of classes K.
+
+    Returns:
+        A :class:`TaskMetrics`.
+    """
+    return metrics_from_confusion(confusion_matrix(pred, target, num_classes))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -31,17 +31,14 @@ from ._metrics import (
 
 __all__ = [
     "PROBE_KINDS",
-    "LAYERS",
     "Probe",
     "LeakageMatrix",
     "train_probe",
     "probe_accuracy",
     "leakage_matrix",
-    "collect_features",
 ]
 
 PROBE_KINDS = ("linear", "mlp")
-LAYERS = ("features", "penultimate")
 # Per-kind defaults. With minibatches of 256, a probe on N=2000, D=4032 trains in about 0.4 s (linear) and
 # 0.8 s (MLP) on one busy CPU core. Default epochs: enough for about _DEFAULT_STEPS Adam steps, at least
 # _MIN_EPOCHS, so small datasets are not under-trained.
@@ -415,118 +412,3 @@ def leakage_matrix(
     info: dict[str, Any] = {"n_train": int(ytr[names[0]].numel()), "n_eval": int(yev[names[0]].numel())}
     info.update({k: v for k, v in probe_kwargs.items() if isinstance(v, (int, float, str)) or v is None})
     return LeakageMatrix(names, acc, majority, norm, kind, info)
-
-
-# ----------------------------------------------------------------------------------------------------
-# features of a model over a dataset
-# ----------------------------------------------------------------------------------------------------
-def _label_value(value: Any, task: str, index: int) -> int:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise EvaluationError(
-                f"sample {index}, task {task!r}: label must be a scalar, got shape {tuple(value.shape)}"
-            )
-        value = value.item()
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-        raise EvaluationError(f"sample {index}, task {task!r}: label {value!r} is not an integer class index")
-    return int(value)
-
-
-def collect_features(
-    model: nn.Module,
-    dataset: Any,
-    batch_size: int = 256,
-    layer: str = "features",
-    device: str | torch.device | None = None,
-    *,
-    use_tensors: bool = True,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Run ``model`` (eval mode, no gradients) over ``dataset`` and gather per-task features and labels.
-
-    ``dataset`` follows the data contract (items ``(image (C, H, W), {task: class})``). If it has an
-    ``images`` tensor ``(N, C, H, W)`` and a ``labels`` mapping ``{task: LongTensor[N]}`` (as the synthetic
-    datasets do), those are used directly instead of indexing item by item; this assumes ``dataset[i]`` is
-    ``(images[i], labels at i)`` (no per-item transform): pass ``use_tensors=False`` otherwise.
-
-    Args:
-        model: A :class:`~mtdisent.MultiTaskModel` (anything with ``features``/``penultimate`` methods mapping
-            ``(B, C, H, W)`` to ``{task: (B, D)}``, and optionally ``task_names``).
-        dataset: A map-style dataset.
-        batch_size: Images per forward pass.
-        layer: ``"features"`` (encoder output) or ``"penultimate"`` (the classifiers' last hidden layer).
-        device: Where to run the model; default the device of its parameters (CPU if it has none). The
-            model is not moved: pass a device it already lives on.
-        use_tensors: Use the dataset's ``images``/``labels`` tensors when it has them.
-
-    Returns:
-        ``(features, labels)``: ``{task: float (N, D)}`` and ``{task: LongTensor[N]}`` on the CPU, with -1
-        where a sample has no label for a task. The model's train/eval mode is restored.
-    """
-    if layer not in LAYERS:
-        raise EvaluationError(f"layer: unknown layer {layer!r}. {did_you_mean(str(layer), LAYERS)}")
-    fn = getattr(model, layer, None)
-    if not callable(fn):
-        raise EvaluationError(f"model has no {layer}() method; expected a MultiTaskModel")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EvaluationError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    if device is None:
-        param = next(iter(model.parameters()), None)
-        dev = param.device if param is not None else torch.device("cpu")
-    else:
-        dev = torch.device(device)
-    try:
-        n = len(dataset)
-    except TypeError as exc:
-        raise EvaluationError("dataset must be a map-style Dataset with a length") from exc
-    names: list[str] | None = list(getattr(model, "task_names", [])) or None
-
-    images = getattr(dataset, "images", None)
-    stored = getattr(dataset, "labels", None)
-    fast = use_tensors and (
-        isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] == n and isinstance(stored, Mapping)
-    )
-
-    chunks: dict[str, list[torch.Tensor]] = {}
-    item_labels: list[dict[str, Any]] = []
-    was = model.training
-    model.eval()
-    try:
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            if fast:
-                assert isinstance(images, torch.Tensor)
-                batch = images[start:stop]
-            else:
-                items = [dataset[i] for i in range(start, stop)]
-                for offset, item in enumerate(items):
-                    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], Mapping)):
-                        raise EvaluationError(
-                            f"sample {start + offset}: expected (image, labels dict), got {type(item).__name__}"
-                        )
-                batch = torch.stack([torch.as_tensor(item[0]) for item in items])
-                item_labels.extend(dict(item[1]) for item in items)
-            with torch.no_grad():
-                out = fn(batch.to(dev).float())
-            for task, value in out.items():
-                chunks.setdefault(task, []).append(value.detach().float().cpu().clone())
-    finally:
-        model.train(was)
-
-    tasks = names or list(chunks)
-    feats = {t: torch.cat(chunks[t]) if chunks.get(t) else torch.zeros(0, 0) for t in tasks}
-    labels: dict[str, torch.Tensor] = {}
-    for t in tasks:
-        if fast:
-            assert isinstance(stored, Mapping)
-            labels[t] = (
-                as_labels(stored[t], f"dataset.labels[{t!r}]").clone()
-                if t in stored
-                else torch.full((n,), UNLABELLED, dtype=torch.long)
-            )
-            if labels[t].numel() != n:
-                raise EvaluationError(f"dataset.labels[{t!r}] has {labels[t].numel()} entries but the dataset has {n}")
-        else:
-            labels[t] = torch.tensor(
-                [_label_value(lab.get(t, UNLABELLED), t, i) for i, lab in enumerate(item_labels)], dtype=torch.long
-            )
-    return feats, labels

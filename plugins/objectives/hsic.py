@@ -21,8 +21,6 @@ implies" (equalised-odds style), which a perfect shape feature satisfies.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -83,8 +81,6 @@ class HSIC(Objective):
         min_group: Smallest class group (samples) that contributes in the conditional form.
     """
 
-    arguments = ("kernel", "adversary", "hsic_weight", "conditional", "min_group")
-
     def __init__(
         self,
         kernel: str = "gaussian",
@@ -92,17 +88,16 @@ class HSIC(Objective):
         hsic_weight: float = 1.0,
         conditional: bool = True,
         min_group: int = 4,
-        **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__()
         if kernel not in ("gaussian", "linear"):
-            raise ComponentError(f"objective 'hsic': kernel={kernel!r}; expected 'gaussian' or 'linear'")
+            raise ComponentError(f"kernel={kernel!r}; expected 'gaussian' or 'linear'")
         if adversary is not None and adversary not in _ADVERSARIAL:
-            raise ComponentError(f"objective 'hsic': adversary={adversary!r}; expected None, 'minmax' or 'confusion'")
+            raise ComponentError(f"adversary={adversary!r}; expected None, 'minmax' or 'confusion'")
         if not isinstance(hsic_weight, (int, float)) or hsic_weight < 0:
-            raise ComponentError(f"objective 'hsic': hsic_weight={hsic_weight!r}; expected a number >= 0")
+            raise ComponentError(f"hsic_weight={hsic_weight!r}; expected a number >= 0")
         if not isinstance(min_group, int) or min_group < 2:
-            raise ComponentError(f"objective 'hsic': min_group={min_group!r}; expected an integer >= 2")
+            raise ComponentError(f"min_group={min_group!r}; expected an integer >= 2")
         self.kernel, self.adversary, self.hsic_weight = kernel, adversary, float(hsic_weight)
         self.conditional, self.min_group = bool(conditional), min_group
         self.uses_adversaries = adversary is not None

@@ -1,0 +1,138 @@
+"""Where training runs: device, mixed precision, compiled encoders, DDP wrappers, optimisers.
+
+:func:`prepare` turns a built model into a :class:`Setup`: what the step calls to encode images, the module
+DDP wraps for the main step (encoders + classifiers) and the one it wraps for the adversary updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from .._errors import SpecError
+from .._model import MultiTaskModel
+from .._spec import Experiment, OptimizerSpec
+from ._distributed import DistInfo
+
+__all__ = ["Setup", "prepare", "resolve_device", "build_optimizer"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``; CUDA asked for but absent is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"training.device: {name!r} was asked for but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+def build_optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimiser ``spec`` names over ``params`` (foreach implementations)."""
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, foreach=True)
+    cls = torch.optim.Adam if spec.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay, foreach=True)
+
+
+class _MainNet(nn.Module):
+    """Encoders + classifiers as one module (what DDP wraps for the main step)."""
+
+    def __init__(self, model: MultiTaskModel, encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> None:
+        super().__init__()
+        self.encoders, self.classifiers = model.encoders, model.classifiers
+        self._encode, self._classify = encode, model.classify
+
+    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        feats = self._encode(x)  # {task: (B, D)}
+        return feats, self._classify(feats)
+
+
+class _AdvNet(nn.Module):
+    """All adversaries as one module (what DDP wraps for the adversary updates)."""
+
+    def __init__(self, model: MultiTaskModel) -> None:
+        super().__init__()
+        self.adversaries = model.adversaries
+        self._logits = model.adversary_logits
+
+    def forward(
+        self,
+        feats: dict[str, torch.Tensor] | torch.Tensor,
+        transform: Any,
+        weights: torch.Tensor | None,
+        labels: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        inputs = feats.float() if isinstance(feats, torch.Tensor) else {k: v.float() for k, v in feats.items()}
+        return self._logits(inputs, transform, weights, labels)  # (P, B, K_max)
+
+
+@dataclass
+class Setup:
+    """How the model runs on this process.
+
+    Attributes:
+        device: This process's device.
+        dist: Its place in a distributed run.
+        autocast: A context-manager factory: bf16 autocast when mixed precision is on, else a no-op.
+        encode: ``(B, C, H, W) -> {task: (B, D)}`` through the (possibly compiled) encoders.
+        main_net: Encoders + classifiers, DDP-wrapped when distributed: ``x -> (features, logits)``.
+        adversaries: All adversaries, DDP-wrapped when distributed (gradients synchronised).
+        adversaries_plain: The same without the wrapper: the main step runs these when the adversaries do not
+            learn in it, so no gradient is computed or synchronised for them there.
+    """
+
+    device: torch.device
+    dist: DistInfo
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]]
+    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    main_net: nn.Module
+    adversaries: nn.Module
+    adversaries_plain: nn.Module
+
+
+def prepare(
+    model: MultiTaskModel, experiment: Experiment, device: torch.device, dist: DistInfo
+) -> tuple[MultiTaskModel, Setup]:
+    """Move ``model`` to ``device`` (SyncBatchNorm when asked) and build its :class:`Setup`.
+
+    Returns:
+        ``(model, setup)``: the model to train (converted when SyncBatchNorm is on) and its set-up.
+    """
+    tr = experiment.training
+    if tr.sync_batchnorm and dist.enabled:
+        if device.type != "cuda":
+            raise SpecError(
+                "training.sync_batchnorm: PyTorch's SyncBatchNorm needs CUDA devices; on the CPU each process's "
+                "BatchNorm uses its own slice of the batch (set sync_batchnorm=false)"
+            )
+        model = cast(MultiTaskModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))
+    model.to(device)
+    amp = tr.amp == "bf16" or (tr.amp == "auto" and device.type == "cuda")
+    autocast: Callable[[], Any] = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+    )
+    encoders: dict[str, Any] = dict(model.encoders.items())
+    if tr.compile:
+        encoders = {t: torch.compile(m) for t, m in encoders.items()}
+    names = list(model.task_names)
+
+    def encode(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {t: encoders[t](x) for t in names}  # {task: (B, D)}
+
+    main_net: nn.Module = _MainNet(model, encode)
+    plain: nn.Module = _AdvNet(model)
+    adversaries = plain
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device] if device.type == "cuda" else None
+        main_net = DDP(main_net, device_ids=ids)
+        if model.adversary_parameters():
+            adversaries = DDP(plain, device_ids=ids)
+    return model, Setup(device, dist, autocast, encode, main_net, adversaries, plain)

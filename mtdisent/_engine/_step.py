@@ -1,0 +1,322 @@
+"""The step contract: what one training iteration does, and the paper's adversarial step.
+
+A :class:`Step` owns its optimisers and its per-iteration logic (in the manner of DomainBed's
+``Algorithm.update``): :meth:`Step.update` runs one iteration and returns its metrics; :meth:`Step.state_dict` /
+:meth:`Step.load_state_dict` carry everything it needs to continue exactly. The loop only calls these.
+
+:class:`AdversarialStep` is the default: one main step, then ``adversary.steps`` (k) adversary steps.
+
+Main step (encoders + classifiers; adversary weights untouched)::
+
+    sum_i w_i CE(C_i(z_i), y_i) + sum_(i,j) objective terms (lambda_t * lambda_ij) + l2 * |W|^2
+
+For the paper's ``minmax`` objective the pair term is ``-lambda CE(A_ij(z_i), y_j)``. Adversary steps minimise
+``sum_(i,j) CE(A_ij(z_i), y_j) + l2 * |W_adv|^2`` on detached features: the main step's (``features="reuse"``)
+or a fresh batch encoded without gradients (``features="fresh"``). Every ``adversary.reinit_every`` iterations
+one ensemble member per pair gets fresh weights.
+
+BatchNorm: every step runs in train mode. The adversaries' running statistics are restored after the main
+step, so it leaves the adversaries exactly as they were; fresh adversary passes restore the encoders' running
+statistics, so those see each main-step batch exactly once, whatever k is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._errors import MtdisentError, SpecError
+from .._model import MultiTaskModel
+from .._objectives import Objective
+from .._spec import Experiment
+from ._distributed import all_true
+from ._setup import Setup, build_optimizer
+from ._stream import TrainFeed
+
+__all__ = ["Step", "AdversarialStep", "TrainingError", "lambda_schedule", "masked_cross_entropy"]
+
+
+class TrainingError(MtdisentError):
+    """Training cannot go on (a non-finite loss, for example); the last good checkpoint stays."""
+
+
+class Step:
+    """The contract of one training iteration. Subclass it to change what an iteration does.
+
+    The loop calls :meth:`update` once per iteration with the 0-based iteration index, logs the returned
+    metrics, and saves :meth:`state_dict` in checkpoints (tensors anywhere inside are stored in safetensors,
+    the rest as JSON) to hand back to :meth:`load_state_dict` on resume.
+    """
+
+    def update(self, iteration: int) -> dict[str, float]:
+        """Run iteration ``iteration`` (0-based); return its metrics (``{"loss/main": ..., ...}``)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the model weights needed to continue exactly (optimiser states, counters)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+def lambda_schedule(kind: str, iteration: int, warmup: int, total: int) -> float:
+    """Multiplier in [0, 1] of the adversarial weight at ``iteration`` (0-based).
+
+    ``constant``: 1. ``linear``: (t + 1) / warmup until warmup, then 1. ``sigmoid`` (DANN):
+    2 / (1 + exp(-10 p)) - 1 with p = t / warmup (or t / total when warmup is 0), capped at 1.
+    """
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return 1.0 if warmup == 0 else min(1.0, (iteration + 1) / warmup)
+    if kind == "sigmoid":
+        p = min(1.0, iteration / (warmup or total))
+        return 2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0
+    raise SpecError(f"adversary.schedule: unknown schedule {kind!r}; expected 'constant', 'linear' or 'sigmoid'")
+
+
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+    """Cross-entropy over labelled rows (target >= 0); ``None`` when no row is labelled."""
+    mask = target >= 0
+    if not bool(mask.any()):
+        return None
+    return F.cross_entropy(logits[mask], target[mask])
+
+
+def _add_l2_gradient(weights: list[nn.Parameter], l2: float) -> None:
+    """Add the gradient of ``l2 * sum ||W||^2`` (TF's kernel regularisers) to ``W.grad``: ``2 * l2 * W``.
+
+    Identical to putting the penalty in the loss, without materialising W**2 and its backward (three passes
+    over every weight); one fused foreach operation instead.
+    """
+    with torch.no_grad():
+        pairs = [(w.grad, w) for w in weights if w.grad is not None]
+        if pairs:
+            grads, params = zip(*pairs, strict=True)
+            torch._foreach_add_(list(grads), list(params), alpha=2.0 * l2)
+
+
+@contextlib.contextmanager
+def _frozen_buffers(module: nn.Module) -> Iterator[None]:
+    """Restore the module's buffers (BatchNorm running statistics) when the block ends."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+@contextlib.contextmanager
+def _no_grad_params(params: list[nn.Parameter]) -> Iterator[None]:
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+
+
+class AdversarialStep(Step):
+    """The paper's iteration, generalised to N tasks: one main step, then k adversary steps.
+
+    Args:
+        model: The multi-task model (on ``setup.device``).
+        experiment: Its experiment (adversary and training settings).
+        objective: The objective plugin: what the encoders add to their loss for each adversary pair.
+        setup: Device, mixed precision and the (DDP-wrapped) modules to call.
+        feed: Where training batches come from.
+
+    Attributes:
+        main_optimizer: Optimiser of the encoders and classifiers (``training.optimizer``).
+        adversary_optimizer: Optimiser of the adversaries (``training.adversary_optimizer``), ``None`` without any.
+    """
+
+    def __init__(
+        self, model: MultiTaskModel, experiment: Experiment, objective: Objective, setup: Setup, feed: TrainFeed
+    ) -> None:
+        tr = experiment.training
+        self.model, self.experiment, self.objective, self.setup, self.feed = model, experiment, objective, setup, feed
+        self.main_params, self.adversary_params = model.main_parameters(), model.adversary_parameters()
+        self.l2_main, self.l2_adv = model.l2_parameters("main"), model.l2_parameters("adversary")
+        self.main_optimizer = build_optimizer(tr.optimizer, self.main_params)
+        self.adversary_optimizer = (
+            build_optimizer(tr.adversary_optimizer, self.adversary_params) if self.adversary_params else None
+        )
+        self._iteration = 0  # of the current update, for messages
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _targets(self, y: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(P, B) labels of each pair's target task, -1 where unlabelled."""
+        return torch.stack([y[p.target] for p in self.model.pairs])
+
+    def _check_finite(self, terms: dict[str, torch.Tensor], step: str, pair_terms: torch.Tensor | None) -> None:
+        named = dict(terms)
+        if pair_terms is not None:  # name the pairs rather than their sum
+            named.pop("adversaries", None)
+            named.update({f"adv/{p.key}": v for p, v in zip(self.model.pairs, pair_terms, strict=True)})
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        finite = bool(torch.isfinite(values).all())
+        if all_true(finite, self.setup.dist, self.setup.device):
+            return
+        where = f"iteration {self._iteration + 1}, {step} step"
+        if finite:
+            raise TrainingError(
+                f"{where}: a loss term is not finite on another process; the last good checkpoint is kept."
+            )
+        bad = [k for k, v in named.items() if not torch.isfinite(v.detach()).all()]
+        names = ", ".join(repr(b) for b in bad)
+        shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in named.items())
+        plural = len(bad) > 1
+        raise TrainingError(
+            f"{where}: loss term{'s' if plural else ''} {names} {'are' if plural else 'is'} not finite ({shown}). "
+            "Lower the learning rate or lambda; the last good checkpoint is kept."
+        )
+
+    # -- the two steps -------------------------------------------------------------------------------
+    def main_step(self, lam: float) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One update of encoders and classifiers on a new batch; returns metrics, detached features and labels."""
+        model, tr, single, setup = self.model, self.experiment.training, self.objective.single_pass, self.setup
+        model.train()
+        x, y = self.feed.next()
+        terms: dict[str, torch.Tensor] = {}
+        metrics: dict[str, float] = {"lambda": lam}
+        adversaries_frozen = contextlib.nullcontext() if single else _frozen_buffers(model.adversaries)
+        with adversaries_frozen:  # the main step leaves the adversaries' BatchNorm statistics untouched
+            with _no_grad_params([] if single else self.adversary_params), setup.autocast():
+                feats, logits = setup.main_net(x)  # {task: (B, D)}, {task: (B, K)}
+                for task in model.task_names:
+                    ce = masked_cross_entropy(logits[task].float(), y[task])
+                    if ce is None:  # nobody labelled: a zero term keeps every parameter in the graph (DDP needs it)
+                        terms[f"task/{task}"] = logits[task].float().sum() * 0.0
+                    else:
+                        terms[f"task/{task}"] = self.experiment.task(task).loss_weight * ce
+                        mask = y[task] >= 0
+                        metrics[f"acc/{task}"] = float((logits[task][mask].argmax(-1) == y[task][mask]).float().mean())
+                        metrics[f"loss/{task}"] = float(ce.detach())
+                pair_terms = self._pair_terms(feats, y, lam) if model.pairs and (lam > 0 or single) else None
+                if pair_terms is not None:
+                    terms["adversaries"] = pair_terms.sum()
+            self._check_finite(terms, "main", pair_terms)
+            self.main_optimizer.zero_grad(set_to_none=True)
+            if single and self.adversary_optimizer is not None:
+                self.adversary_optimizer.zero_grad(set_to_none=True)
+            loss = torch.stack(list(terms.values())).sum()
+            loss.backward()
+            if tr.l2 > 0:
+                _add_l2_gradient(self.l2_main + (self.l2_adv if single else []), tr.l2)
+            self.main_optimizer.step()
+            if single and self.adversary_optimizer is not None:
+                self.adversary_optimizer.step()
+        metrics["loss/main"] = float(loss.detach())
+        return metrics, {t: f.detach() for t, f in feats.items()}, y
+
+    def _pair_terms(
+        self, feats: dict[str, torch.Tensor], y: dict[str, torch.Tensor], lam: float
+    ) -> torch.Tensor | None:
+        """(P,) what each adversary pair adds to the main loss: the objective's adversarial and direct terms."""
+        model, single = self.model, self.objective.single_pass
+        weights = torch.tensor([lam * p.weight for p in model.pairs], device=self.setup.device)  # (P,)
+        targets, parts = self._targets(y), []  # (P, B), P-vectors of terms
+        if self.objective.uses_adversaries:
+            net = self.setup.adversaries if single else self.setup.adversaries_plain  # no sync for frozen ones
+            adv_logits = net(feats, self.objective.adversary_input, weights, y)  # (P, B, K_max)
+            parts.append(self.objective.encoder_terms(adv_logits, targets, weights, model.pair_classes))
+        sources = [feats[p.source] for p in model.pairs]  # P x (B, D)
+        own = torch.stack([y[p.source] for p in model.pairs])  # (P, B) the sources' own labels
+        direct = self.objective.feature_terms(sources, targets, weights, model.pair_classes, own)
+        if direct is not None:
+            parts.append(direct)
+        return torch.stack(parts).sum(0) if parts else None  # (P,)
+
+    def adversary_step(
+        self, feats: dict[str, torch.Tensor] | torch.Tensor | None, y: dict[str, torch.Tensor] | None
+    ) -> dict[str, float]:
+        """One update of the adversaries on detached features (a fresh batch when ``feats`` is None).
+
+        ``feats`` may be ``{task: (B, D)}`` or, to reuse one copy across steps, the model's stacked
+        (P, B, D) adversary inputs.
+        """
+        model, tr, setup = self.model, self.experiment.training, self.setup
+        if self.adversary_optimizer is None:
+            raise MtdisentError("this experiment has no adversaries to train")
+        model.train()
+        if feats is None or y is None:
+            x, y = self.feed.next()
+            with torch.no_grad(), _frozen_buffers(model.encoders), setup.autocast():
+                feats = setup.encode(x)
+        targets = self._targets(y)  # (P, B)
+        with setup.autocast():
+            logits = setup.adversaries(feats, None, None, y).float()  # (P, B, K_max)
+        pair_losses = self.objective.adversary_loss(logits, targets)  # (P,)
+        terms = {"adversaries": pair_losses.sum()}
+        self._check_finite(terms, "adversary", pair_losses)
+        self.adversary_optimizer.zero_grad(set_to_none=True)
+        terms["adversaries"].backward()
+        if tr.l2 > 0:
+            _add_l2_gradient(self.l2_adv, tr.l2)
+        self.adversary_optimizer.step()
+        labelled = targets >= 0
+        correct = ((logits.detach().argmax(-1) == targets) & labelled).sum(1)  # (P,)
+        counts = labelled.sum(1)
+        accuracy = (correct / counts.clamp(min=1)).tolist()
+        return {f"adv_acc/{p.key}": a for p, a, c in zip(model.pairs, accuracy, counts.tolist(), strict=True) if c}
+
+    def reinitialise_adversaries(self, iteration: int) -> int:
+        """Fresh weights for one ensemble member of every pair (round robin) and a restarted adversary optimiser.
+
+        Due every ``adversary.reinit_every`` iterations; deterministic given the seed and the iteration, so
+        resumed runs re-initialise exactly as uninterrupted ones. Returns the member re-initialised.
+        """
+        adv = self.experiment.adversary
+        member = (iteration // adv.reinit_every - 1) % adv.ensemble
+        names = [p.key for p in self.model.pairs if p.member == member]
+        self.model.adversaries.reinitialise(names, seed=self.experiment.seed * 1_000_003 + iteration)
+        if self.adversary_optimizer is not None:
+            self.adversary_optimizer.state.clear()  # momentum / Adam moments of the old weights do not fit the new
+        return member
+
+    # -- the contract ----------------------------------------------------------------------------------
+    def update(self, iteration: int) -> dict[str, float]:
+        """One iteration: a main step, then ``adversary.steps`` adversary steps."""
+        adv, tr = self.experiment.adversary, self.experiment.training
+        self._iteration = iteration
+        lam = adv.weight * lambda_schedule(adv.schedule, iteration, adv.warmup, tr.iterations)
+        t0 = time.perf_counter()
+        metrics, feats, y = self.main_step(lam)
+        if adv.reinit_every and iteration and iteration % adv.reinit_every == 0 and self.model.pairs:
+            metrics["adv_reinit"] = self.reinitialise_adversaries(iteration)  # then trained by this iteration's steps
+        t1 = time.perf_counter()
+        if self.adversary_optimizer is not None:
+            reuse = adv.features == "reuse"
+            # reused features: stack the adversaries' inputs once for all k steps
+            stacked = self.model.stack_adversary_inputs(feats, y) if reuse and adv.steps > 1 else None
+            inputs = stacked if stacked is not None else feats
+            for _ in range(adv.steps):
+                metrics.update(self.adversary_step(inputs if reuse else None, y if reuse else None))
+        metrics.update({"time/main": t1 - t0, "time/adversary": time.perf_counter() - t1})
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimisers' states."""
+        state: dict[str, Any] = {"optimizer": self.main_optimizer.state_dict()}
+        if self.adversary_optimizer is not None:
+            state["adversary_optimizer"] = self.adversary_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the optimisers' states."""
+        self.main_optimizer.load_state_dict(state["optimizer"])
+        if self.adversary_optimizer is not None:
+            self.adversary_optimizer.load_state_dict(state["adversary_optimizer"])
