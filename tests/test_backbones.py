@@ -68,9 +68,25 @@ def test_units_per_scale_and_pool_output():
 
 
 @pytest.mark.parametrize(
+    "filters, strides",
+    [([4], [(1, 1)]), ([4, 8, 16], [(1, 1), (2, 2), (2, 2)]), ([8, 16, 32, 64], [(1, 1), (2, 2), (2, 2), (2, 2)])],
+)
+def test_default_strides_follow_the_number_of_filters(filters, strides):
+    enc = dltk(filters=filters, output="pool").eval()  # no strides: 1 for the stem, then 2 per further scale
+    assert enc.strides == strides and enc.num_features == filters[-1]
+    size = 2 ** (len(filters) - 1) * 2
+    assert enc(torch.zeros(1, 1, size, size)).shape == (1, filters[-1])
+
+
+def test_default_strides_keep_the_paper_configuration():
+    assert dltk().strides == dltk(strides=[1, 2, 2, 2]).strides == [(1, 1), (2, 2), (2, 2), (2, 2)]
+
+
+@pytest.mark.parametrize(
     "kwargs, fragment",
     [
         (dict(filters=[4, 8], strides=[1]), "strides has 1 entries"),
+        (dict(filters=[4, 8, 16], strides=[1, 2, 2, 2]), "strides has 4 entries but filters has 3.*leave strides"),
         (dict(filters=[4, 8], strides=[1, 2], units_per_scale=[1, 1]), "units_per_scale"),
         (dict(activation="swish"), "activation 'swish'"),
         (dict(output="mean"), "output 'mean'"),

@@ -13,6 +13,14 @@ BACKBONE_ARGS = {
         {"filters": [4, 8, 4], "strides": [1, 2, [1, 2]], "units_per_scale": 2, "output": "pool"},
     ],
     "timm": [{"model": "resnet18"}],
+    # One small member of each family the monai backbone cuts (tests/test_monai_backbone.py has the rest).
+    "monai": [
+        {"network": "DenseNet121", "args": {"init_features": 8, "growth_rate": 8, "block_config": [2, 2]}},
+        {"network": "resnet10", "args": {"widen_factor": 0.125}},
+        {"network": "EfficientNetBN", "args": {"model_name": "efficientnet-b0"}},
+        {"network": "SEResNet50", "args": {"layers": [1, 1, 1, 1], "inplanes": 16}},
+        {"network": "ViT", "args": {"img_size": 32, "patch_size": 8, "hidden_size": 32, "mlp_dim": 64, "num_heads": 2}},
+    ],
 }
 
 

@@ -154,6 +154,7 @@ def test_listing_emits_no_warning_for_first_party_plugins():
     assert {
         ("backbone", "dltk_residual"),
         ("backbone", "timm"),
+        ("backbone", "monai"),
         ("objective", "minmax"),
         ("objective", "confusion"),
         ("objective", "gradient_reversal"),

@@ -77,7 +77,8 @@ class DLTKResidualEncoder(nn.Module):
     Args:
         in_channels: Image channels C.
         filters: Channels per scale; ``filters[0]`` is the stem's.
-        strides: Stride per scale (an int or an (h, w) pair each); ``strides[0]`` is the stem's.
+        strides: Stride per scale (an int or an (h, w) pair each); ``strides[0]`` is the stem's. ``None`` (the
+            default) derives them from the number of filters: 1 for the stem, then 2 for every further scale.
         units_per_scale: Residual units per scale after the stem (an int or one per scale after the stem).
         activation: ``leaky_relu`` (DLTK default, slope ``negative_slope``), ``relu``, ``elu`` or ``gelu``.
         negative_slope: Slope of the leaky ReLU.
@@ -89,7 +90,7 @@ class DLTKResidualEncoder(nn.Module):
         self,
         in_channels: int,
         filters: Sequence[int] = (8, 16, 32, 64),
-        strides: Sequence[int | Sequence[int]] = (1, 2, 2, 2),
+        strides: Sequence[int | Sequence[int]] | None = None,
         units_per_scale: int | Sequence[int] = 1,
         activation: str = "leaky_relu",
         negative_slope: float = 0.1,
@@ -99,9 +100,12 @@ class DLTKResidualEncoder(nn.Module):
         filters = [int(f) for f in filters]
         if len(filters) < 1 or any(f < 1 for f in filters):
             raise ComponentError(f"filters must be a non-empty list of positive ints, got {filters}")
+        if strides is None:
+            strides = [1] + [2] * (len(filters) - 1)
         if len(strides) != len(filters):
             raise ComponentError(
-                f"strides has {len(strides)} entries but filters has {len(filters)}; give one per scale"
+                f"strides has {len(strides)} entries but filters has {len(filters)}; give one per scale, or leave "
+                "strides out for 1 on the stem and 2 on every further scale"
             )
         units = [units_per_scale] * (len(filters) - 1) if isinstance(units_per_scale, int) else list(units_per_scale)
         if len(units) != len(filters) - 1 or any(u < 1 for u in units):
@@ -153,7 +157,7 @@ class DLTKResidualEncoder(nn.Module):
 def dltk_residual(
     in_channels: int,
     filters: Sequence[int] = (8, 16, 32, 64),
-    strides: Sequence[int | Sequence[int]] = (1, 2, 2, 2),
+    strides: Sequence[int | Sequence[int]] | None = None,
     units_per_scale: int | Sequence[int] = 1,
     activation: str = "leaky_relu",
     negative_slope: float = 0.1,
