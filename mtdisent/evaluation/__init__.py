@@ -4,9 +4,10 @@
   :func:`accuracy`, :func:`balanced_accuracy`, :func:`per_class_accuracy`, :func:`task_metrics`,
   per-factor-combination accuracy (:func:`combination_accuracy`, :func:`combination_summary`), and
   :func:`majority_rate` / :func:`normalised_leakage`.
-* Fresh probes reading task j from frozen features of task i: :func:`train_probe`, :func:`probe_accuracy`,
-  :func:`leakage_matrix` (every pair, diagonal included) and :func:`collect_features` to run a model over
-  a dataset.
+* Fresh probes reading task j from frozen features of task i, trained to convergence (linear: L2 logistic
+  regression by L-BFGS, its L2 strength cross-validated; MLP: early stopping): :func:`train_probe`,
+  :func:`probe_accuracy`, :func:`leakage_matrix` (every pair, diagonal included; ``conditional=True`` reads j
+  within each class of i) and :func:`collect_features` to run a model over a dataset.
 * :func:`combination_split` holds factor combinations out of training; :func:`check_no_leak` verifies it.
 """
 
