@@ -479,10 +479,12 @@ class TrainingSpec(SpecModel):
 
 
 class Experiment(SpecModel):
-    """An N-task disentanglement experiment.
+    """An N-task disentanglement experiment (N >= 1).
 
     Args:
-        tasks: The tasks (unique names); one task builds a single-task baseline network without adversaries.
+        tasks: The tasks, at least one, with unique names. Two or more are disentangled from each other (one
+            adversary per ordered pair); a single task trains a single-task baseline (one encoder and one
+            classifier, no adversaries).
         backbone: Encoder used by every task without its own ``backbone``.
         input_shape: ``(channels, height, width)`` of the images; may come from a dataset instead.
         head: Classifier head used by every task without its own ``head``.
@@ -521,7 +523,10 @@ class Experiment(SpecModel):
     def _cross_checks(self, info: ValidationInfo) -> Experiment:
         names = [t.name for t in self.tasks]
         if not names:
-            raise ValueError("tasks: at least 1 task is needed (2 or more to disentangle; 1 is a single-task baseline)")
+            raise ValueError(
+                "tasks: at least 1 task is needed (2 or more are disentangled from each other; "
+                "1 trains a single-task baseline without adversaries)"
+            )
         seen: dict[str, int] = {}
         for i, n in enumerate(names):
             if n in seen:

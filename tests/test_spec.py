@@ -46,8 +46,9 @@ def test_duplicate_task_names():
 
 
 def test_no_task_is_refused_and_one_task_is_a_baseline_without_adversaries():
-    with pytest.raises(md.SpecError, match="at least 1 task"):
+    with pytest.raises(md.SpecError, match="at least 1 task.*1 trains a single-task baseline without adversaries"):
         make(tasks=[])
+    assert "at least one" in md.Experiment.__doc__ and "single-task baseline" in md.Experiment.__doc__
     single = make(tasks=[md.Task(name="a", num_classes=2)])
     model = md.build_model(single)
     assert model.pairs == [] and model.task_names == ["a"]
