@@ -23,6 +23,7 @@ from ._heads import MLPHead
 from ._machine import machine_info
 from ._model import ModelOutput, MultiTaskModel, build_model
 from ._objectives import Objective, grad_reverse
+from ._plots import FigureWarning
 from ._presets import preset, presets
 from ._registry import ComponentInfo, Registry, backbones, datasets, list_plugins, objectives, register
 from ._spec import (
@@ -91,6 +92,7 @@ __all__ = [
     "DuplicateComponentError",
     "PluginLoadError",
     "PluginWarning",
+    "FigureWarning",
     "did_you_mean",
     "__version__",
 ]
