@@ -23,6 +23,7 @@ from ._evaluate import Report, evaluate
 from ._machine import machine_info
 from ._model import ModelOutput, MultiTaskModel, build_model
 from ._objectives import Objective, grad_reverse, masked_pair_cross_entropy
+from ._plots import FigureWarning
 from ._presets import preset
 from ._registry import Registry, backbones, datasets, list_plugins, objectives, register
 from ._spec import (
@@ -92,5 +93,6 @@ __all__ = [
     "DuplicateComponentError",
     "PluginLoadError",
     "PluginWarning",
+    "FigureWarning",
     "__version__",
 ]

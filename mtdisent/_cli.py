@@ -1,24 +1,39 @@
-"""Command line: ``mtdisent plugins | build | demo`` (``python -m mtdisent`` works too)."""
+"""Command line: ``mtdisent plugins | build | train | eval | compare | sweep | demo`` (``python -m mtdisent`` too)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
+import hashlib
 import json
+import os
+import runpy
 import sys
-from collections.abc import Sequence
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
+from ._data import DataError
 from ._engine import TrainingInterrupted
 from ._errors import MtdisentError, SpecError
+from ._plots import FigureWarning, PlotsUnavailableError
 from ._registry import list_plugins
-from ._spec import Experiment, load_spec, load_spec_file
+from ._spec import Experiment, load_spec_file
 from .evaluation import format_mean_std
 
 __all__ = ["main", "apply_overrides"]
+
+SPEC_SOURCE = "spec_source.json"
+"""Written by ``mtdisent train`` into the run directory: where the Python spec file was and its SHA-256, so
+that ``eval`` and ``compare`` can re-run it for its ``data`` when the spec names no registered dataset."""
 
 
 def apply_overrides(experiment: Experiment, overrides: Sequence[str]) -> Experiment:
@@ -59,23 +74,72 @@ def apply_overrides(experiment: Experiment, overrides: Sequence[str]) -> Experim
     return Experiment.model_validate(data)
 
 
-def _summary(console: Console, experiment: Experiment) -> None:
+def _head_parameters(group: nn.Module) -> dict[str, int]:
+    """Parameters per head of a HeadGroup, counted through its canonical (per-head) ``state_dict``.
+
+    A stacked group's ``group[name]`` is a view with no parameters of its own; its canonical entries are views
+    of the stacked parameters, while buffers (BatchNorm statistics) live in other storage and are not counted.
+    """
+    storages = {p.untyped_storage().data_ptr() for p in group.parameters()}
+    counts: dict[str, int] = {}
+    for key, tensor in group.state_dict().items():
+        if tensor.untyped_storage().data_ptr() in storages:
+            name = key.split(".", 1)[0]
+            counts[name] = counts.get(name, 0) + tensor.numel()
+    return counts
+
+
+def _summary(console: Console, experiment: Experiment, input_shape: tuple[int, int, int] | None = None) -> None:
     from ._model import build_model
 
-    model = build_model(experiment)
+    model = build_model(experiment, input_shape)
+    n_classifier, n_adversary = _head_parameters(model.classifiers), _head_parameters(model.adversaries)
     table = Table(title=f"mtdisent model: {experiment.name or 'experiment'} ({len(model.task_names)} tasks)")
     for col in ("module", "input", "output", "parameters"):
         table.add_column(col)
     for t in model.task_names:
         n_enc = sum(p.numel() for p in model.encoders[t].parameters())
         table.add_row(f"encoder {t}", "x".join(map(str, model.input_shape)), str(model.feature_sizes[t]), f"{n_enc:,}")
-        n_cls = sum(p.numel() for p in model.classifiers[t].parameters())
+        n_cls = n_classifier.get(t, 0)
         table.add_row(f"classifier {t}", str(model.feature_sizes[t]), str(experiment.task(t).n_classes), f"{n_cls:,}")
     for p in model.pairs:
-        n_adv = sum(q.numel() for q in model.adversaries[p.key].parameters())
         out = experiment.task(p.target).n_classes
-        table.add_row(f"adversary {p.key} (w={p.weight:g})", str(model.feature_sizes[p.source]), str(out), f"{n_adv:,}")
+        inputs = model.adversaries[p.key].in_features
+        n_adv = n_adversary.get(p.key, 0)
+        table.add_row(f"adversary {p.key} (w={p.weight:g})", str(inputs), str(out), f"{n_adv:,}")
+    n_encoders = sum(q.numel() for q in model.encoders.parameters())
+    total = n_encoders + sum(n_classifier.values()) + sum(n_adversary.values())  # without stacking's class padding
+    table.add_row("total", "", "", f"{total:,}")
     console.print(table)
+
+
+def _input_shape(experiment: Experiment, data: Any, spec: str) -> tuple[int, int, int]:
+    """``experiment.input_shape``, else the shape the data declares, else the first training image's."""
+    if experiment.input_shape is not None:
+        return experiment.input_shape
+    if data is None and experiment.data is None:
+        raise SpecError(
+            f"input_shape: not set, and {spec!r} has no data to take it from; give "
+            "input_shape=(channels, height, width), a registered dataset in data, or define data in the Python spec"
+        )
+    from ._data import resolve_data
+
+    source = resolve_data(experiment, data)
+    if source.input_shape is not None:
+        return tuple(source.input_shape)  # type: ignore[return-value]
+    split = experiment.training.train_split
+    if split not in source:
+        raise DataError(f"input_shape: not set, and the data has no split {split!r} to read an image from")
+    try:
+        image = source[split][0][0]
+        shape = tuple(int(d) for d in image.shape)
+    except Exception as exc:
+        raise DataError(f"input_shape: not set, and the first image of split {split!r} cannot be read: {exc}") from exc
+    if len(shape) != 3:
+        raise DataError(
+            f"input_shape: not set, and the first image of split {split!r} has shape {shape}, not (C, H, W)"
+        )
+    return shape[0], shape[1], shape[2]
 
 
 def _cmd_plugins(args: argparse.Namespace, console: Console) -> int:
@@ -89,9 +153,34 @@ def _cmd_plugins(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_build(args: argparse.Namespace, console: Console) -> int:
-    experiment = apply_overrides(load_spec(args.spec), args.set)
-    _summary(console, experiment)
+    experiment, namespace = load_spec_file(args.spec)
+    experiment = apply_overrides(experiment, args.set)
+    _summary(console, experiment, _input_shape(experiment, namespace.get("data"), args.spec))
     return 0
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _record_spec_source(run_dir: Path, spec: str | Path) -> None:
+    """Write SPEC_SOURCE into a run directory: the Python file whose ``data`` the run was trained on."""
+    path = Path(spec).resolve()
+    if path.suffix != ".py" or not run_dir.is_dir() or os.environ.get("RANK", "0") != "0":
+        return  # JSON specs carry no data; under torchrun rank 0 writes
+    record = {"path": str(path), "sha256": _sha256(path)}
+    _write_atomic(run_dir / SPEC_SOURCE, json.dumps(record, indent=1) + "\n")
 
 
 def _cmd_train(args: argparse.Namespace, console: Console) -> int:
@@ -99,14 +188,20 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
 
     experiment, namespace = load_spec_file(args.spec)
     experiment = apply_overrides(experiment, args.set)
-    run = train(
-        experiment,
-        data=namespace.get("data"),
-        out_dir=args.out_dir,
-        resume=args.resume,
-        quiet=args.quiet,
-        device=args.device,
-    )
+    out = Path(args.out_dir)
+    try:
+        run = train(
+            experiment,
+            data=namespace.get("data"),
+            out_dir=out,
+            resume=args.resume,
+            quiet=args.quiet,
+            device=args.device,
+        )
+    except TrainingInterrupted:
+        _record_spec_source(out, args.spec)  # the checkpoints written so far can be evaluated too
+        raise
+    _record_spec_source(out, args.spec)
     last = run.history[-1] if run.history else {}
     console.print(f"trained {run.iteration} iterations into {args.out_dir}")
     for key in sorted(k for k in last if k.startswith(("acc/", "adv_acc/", "val_"))):
@@ -114,21 +209,179 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _evaluate_run(run_dir: Path, split: str, probes: bool, figures: bool, which: str = "best") -> Any:
+@dataclass
+class _RunDir:
+    """A run directory (or one of its checkpoint directories) given on the command line, read and checked."""
+
+    path: Path  # what was given: a run directory or a checkpoint directory
+    root: Path  # the run directory (metrics.jsonl, spec_source.json)
+    spec: dict[str, Any]  # the experiment as JSON
+    experiment: Experiment
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MtdisentError(f"{str(path)!r} is not valid JSON ({exc}); {what}") from exc
+    except OSError as exc:
+        raise MtdisentError(f"{str(path)!r} cannot be read: {exc}") from exc
+
+
+def _run_dir(arg: str | Path) -> _RunDir:
+    """Check that ``arg`` is a run directory of ``mtdisent train`` (or a checkpoint directory) and read its spec."""
+    path = Path(arg)
+    if not path.exists():
+        if glob.has_magic(str(arg)):
+            raise MtdisentError(f"{str(arg)!r} matches no run directory")
+        raise MtdisentError(f"run directory {str(arg)!r} does not exist")
+    if not path.is_dir():
+        raise MtdisentError(f"{str(arg)!r} is a file, not a run directory (give the --out-dir of mtdisent train)")
+    if (path / "state.json").is_file():  # a checkpoint directory: checkpoints/<name> of a run
+        root = path.parent.parent if path.parent.name == "checkpoints" else path
+        state = _read_json(path / "state.json", "the checkpoint is damaged")
+        spec = state.get("experiment") if isinstance(state, dict) else None
+        where = path / "state.json"
+    else:
+        root, where = path, path / "spec.json"
+        if not where.is_file():
+            raise MtdisentError(
+                f"{str(arg)!r} holds no spec.json: not a run directory (give the --out-dir of mtdisent train)"
+            )
+        spec = _read_json(where, "the run directory is damaged")
+    if not isinstance(spec, dict):
+        raise MtdisentError(f"{str(where)!r} does not hold an experiment (a JSON object); the run directory is damaged")
+    try:  # objective and dataset plugins need not be installed to evaluate
+        experiment = Experiment.model_validate(spec, context={"skip_registry_checks": ("objective", "dataset")})
+    except SpecError as exc:
+        problems = "; ".join(line.strip() for line in str(exc).splitlines()[1:]) or str(exc)
+        raise SpecError(f"{str(where)!r} holds an invalid experiment: {problems}", exc.errors) from exc
+    return _RunDir(path, root, spec, experiment)
+
+
+def _expand_runs(args: Sequence[str]) -> list[_RunDir]:
+    """Run directories from the command line; a pattern the shell did not expand is expanded here."""
+    runs = []
+    for arg in args:
+        if not Path(arg).exists() and glob.has_magic(arg):
+            matches = sorted(p for p in glob.glob(arg) if Path(p).is_dir() and (Path(p) / "spec.json").is_file())
+            if not matches:
+                raise MtdisentError(f"{arg!r} matches no run directory (no directory holding spec.json)")
+            runs += [_run_dir(m) for m in matches]
+        else:
+            runs.append(_run_dir(arg))
+    return runs
+
+
+def _load_data_file(path: Path) -> Any:
+    """Run a Python file and return its ``data`` variable."""
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist (expected a Python file defining data)")
+    if path.suffix != ".py":
+        raise DataError(f"data file {str(path)!r} is not a Python file; --data expects a .py file defining data")
+    try:
+        namespace = runpy.run_path(str(path), run_name="__mtdisent_spec__")
+    except MtdisentError as exc:
+        raise DataError(f"data file {str(path)!r}: {exc}") from exc
+    except Exception as exc:
+        raise DataError(f"data file {str(path)!r} raised {type(exc).__name__}: {exc}") from exc
+    if namespace.get("data") is None:
+        raise DataError(f"data file {str(path)!r} defines no variable named 'data' (a Dataset or a mapping of splits)")
+    return namespace["data"]
+
+
+class _DataFiles:
+    """The data of each run: ``--data``, the spec's registered dataset, or the recorded spec file (run once each)."""
+
+    def __init__(self, explicit: str | None) -> None:
+        self.explicit = Path(explicit) if explicit else None
+        self._loaded: dict[Path, Any] = {}
+
+    def _load(self, path: Path) -> Any:
+        key = path.resolve()
+        if key not in self._loaded:
+            self._loaded[key] = _load_data_file(path)
+        return self._loaded[key]
+
+    def for_run(self, run: _RunDir) -> Any:
+        """What to pass to ``evaluate(data=...)``: ``None`` for a registered dataset, else a DataSource."""
+        from ._data import resolve_data
+
+        if self.explicit is not None:
+            return resolve_data(run.experiment, self._load(self.explicit))
+        if run.experiment.data is not None:
+            return None
+        record_file = run.root / SPEC_SOURCE
+        if not record_file.is_file():
+            raise DataError(
+                f"no data for {str(run.path)!r}: its spec names no registered dataset (data is None) and the run "
+                "records no Python spec file; pass --data SPEC.py (a Python file defining data)"
+            )
+        record = _read_json(record_file, "pass --data SPEC.py (a Python file defining data)")
+        if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+            raise DataError(
+                f"{str(record_file)!r} names no spec file; pass --data SPEC.py (a Python file defining data)"
+            )
+        spec = Path(record["path"])
+        if not spec.is_file():
+            raise DataError(
+                f"{str(run.path)!r} was trained on the data of {str(spec)!r}, which no longer exists there; "
+                "pass --data PATH (a Python file defining data)"
+            )
+        if _sha256(spec) != record.get("sha256"):
+            raise DataError(
+                f"{str(spec)!r} changed since {str(run.path)!r} was trained on its data; pass --data PATH "
+                "to evaluate on the data a file defines now"
+            )
+        return resolve_data(run.experiment, self._load(spec))
+
+
+def _checkpoint_used(path: Path, which: str) -> tuple[str, int | None]:
+    """Which model ``load(path, which)`` reads, as a label, and its training iteration when recorded."""
+
+    def iteration(file: Path) -> int | None:
+        try:
+            value = json.loads(file.read_text(encoding="utf-8")).get("iteration")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, int) else None
+
+    if (path / "state.json").is_file():
+        return f"checkpoint {path.name}", iteration(path / "state.json")
+    if which == "final" and (path / "model.json").is_file():
+        return "final", iteration(path / "model.json")
+    if which == "best" and (path / "checkpoints" / "best" / "state.json").is_file():
+        return "best", iteration(path / "checkpoints" / "best" / "state.json")
+    checkpoints = sorted(p for p in (path / "checkpoints").glob("iter-*") if (p / "state.json").is_file())
+    label = "latest" if which == "latest" else f"latest (the run has no {which} model)"
+    return label, iteration(checkpoints[-1] / "state.json") if checkpoints else None
+
+
+def _evaluate_run(run: _RunDir, data: Any, split: str, probes: bool, figures: bool, which: str = "best") -> Any:
+    """Evaluate one run, say in the report what was scored, and save it into ``RUN/eval-SPLIT``."""
     from ._evaluate import evaluate
 
-    report = evaluate(run_dir, split=split, which=which, probe_data=None if probes else False)
-    report.info.update({"run": str(run_dir), "split": split, "model": which})
-    metrics = run_dir / "metrics.jsonl"
-    report.save(run_dir / f"eval-{split}", figures=figures, metrics_file=metrics if metrics.is_file() else None)
+    report = evaluate(run.path, data=data, split=split, which=which, probe_data=None if probes else False)
+    checkpoint, iteration = _checkpoint_used(run.path, which)
+    report.describe(
+        model=str(run.path),
+        checkpoint=checkpoint,
+        iteration=iteration,
+        split=split,
+        probe_split="train" if report.probes else None,
+        class_names={t.name: t.class_names for t in run.experiment.tasks},
+    )
+    metrics = run.root / "metrics.jsonl"
+    report.save(run.path / f"eval-{split}", figures=figures, metrics_file=metrics if metrics.is_file() else None)
     return report
 
 
 def _cmd_eval(args: argparse.Namespace, console: Console) -> int:
-    run_dir = Path(args.run)
-    report = _evaluate_run(run_dir, args.split, not args.no_probes, not args.no_figures, args.which)
+    run = _run_dir(args.run)
+    data = _DataFiles(args.data).for_run(run)
+    report = _evaluate_run(run, data, args.split, not args.no_probes, not args.no_figures, args.which)
     console.print(report.to_markdown(), markup=False, highlight=False)
-    console.print(f"written to {run_dir / f'eval-{args.split}'}")
+    console.print(f"written to {run.path / f'eval-{args.split}'}")
     return 0
 
 
@@ -148,17 +401,18 @@ def _group_label(spec: dict[str, Any], others: list[dict[str, Any]]) -> str:
 def _cmd_compare(args: argparse.Namespace, console: Console) -> int:
     groups: dict[str, list[tuple[Path, Any, Any]]] = {}
     specs: dict[str, dict[str, Any]] = {}
-    for run in args.runs:
-        run_dir = Path(run)
-        spec = json.loads((run_dir / "spec.json").read_text())
-        key_spec = {k: v for k, v in spec.items() if k not in {"seed", "name"}}
+    run_dirs = _expand_runs(args.runs)  # every directory checked before anything is evaluated
+    data_files = _DataFiles(args.data)
+    data = [data_files.for_run(run) for run in run_dirs]
+    for run, run_data in zip(run_dirs, data, strict=True):
+        key_spec = {k: v for k, v in run.spec.items() if k not in {"seed", "name"}}
         key = json.dumps(key_spec, sort_keys=True)
         specs[key] = key_spec
-        report = _evaluate_run(run_dir, args.split, True, False)
+        report = _evaluate_run(run, run_data, args.split, True, False)
         unseen = None
         if args.unseen_split:
-            unseen = _evaluate_run(run_dir, args.unseen_split, False, False)
-        groups.setdefault(key, []).append((run_dir, report, unseen))
+            unseen = _evaluate_run(run, run_data, args.unseen_split, False, False)
+        groups.setdefault(key, []).append((run.path, report, unseen))
     table = Table(title=f"comparison on split {args.split!r} (mean ± std over runs)")
     first = next(iter(groups.values()))[0][1]
     table.add_column("runs")
@@ -195,8 +449,9 @@ def _cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from ._engine import train
     from ._evaluate import evaluate
 
-    base = apply_overrides(load_spec_file(args.spec)[0], args.set)
-    namespace = load_spec_file(args.spec)[1]
+    spec, namespace = load_spec_file(args.spec)
+    base = apply_overrides(spec, args.set)
+    data = _load_data_file(Path(args.data)) if args.data else namespace.get("data")
     out = Path(args.out_dir)
     points = []
     for weight in args.weights:
@@ -204,9 +459,10 @@ def _cmd_sweep(args: argparse.Namespace, console: Console) -> int:
             e = apply_overrides(base, [f"adversary.weight={weight}", f"seed={seed}"])
             run_dir = out / f"w{weight:g}_s{seed}"
             resume = (run_dir / "checkpoints").is_dir()
-            run = train(e, data=namespace.get("data"), out_dir=run_dir, resume=resume, quiet=args.quiet)
-            val = evaluate(run, data=namespace.get("data"), split="val", layers=("features",), probes=("linear",))
-            test = evaluate(run, data=namespace.get("data"), split="test", probe_data=False)
+            run = train(e, data=data, out_dir=run_dir, resume=resume, quiet=args.quiet)
+            _record_spec_source(run_dir, args.data or args.spec)
+            val = evaluate(run, data=data, split="val", layers=("features",), probes=("linear",))
+            test = evaluate(run, data=data, split="test", probe_data=False)
             point: dict[str, Any] = {
                 "weight": weight,
                 "seed": seed,
@@ -217,7 +473,7 @@ def _cmd_sweep(args: argparse.Namespace, console: Console) -> int:
                 "test_accuracy": test.accuracy,
             }
             if args.unseen_split:
-                unseen = evaluate(run, data=namespace.get("data"), split=args.unseen_split, probe_data=False)
+                unseen = evaluate(run, data=data, split=args.unseen_split, probe_data=False)
                 point["unseen"] = unseen.accuracy
                 point["unseen_accuracy"] = unseen.accuracy.get(args.unseen_task) if args.unseen_task else None
             point["leakage"] = point["val_leakage"]
@@ -261,8 +517,8 @@ def _cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         from ._plots import plot_tradeoff
 
         plot_tradeoff(points, out / "tradeoff.png")
-    except MtdisentError as exc:
-        console.print(f"no trade-off figure: {exc}")
+    except PlotsUnavailableError as exc:
+        warnings.warn(f"{exc}; sweep.json and sweep.md were written without tradeoff.png", FigureWarning, 2)
     console.print("\n".join(lines), markup=False, highlight=False)
     return 0
 
@@ -317,11 +573,15 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
         run = train(e, out_dir=run_dir, resume=resume, quiet=args.quiet)
         test = evaluate(run, split="test", probes=("linear",))
         unseen = evaluate(run, split="unseen", probe_data=False)
-        try:
-            test.save(run_dir / "eval-test", figures=True, metrics_file=run_dir / "metrics.jsonl")
-        except MtdisentError as exc:  # matplotlib missing: reports without figures
-            console.print(f"no figures: {exc}")
-            test.save(run_dir / "eval-test")
+        checkpoint, iteration = _checkpoint_used(run_dir, "best")
+        names = {t.name: t.class_names for t in e.tasks}
+        for report, split in ((test, "test"), (unseen, "unseen")):
+            report.describe(
+                model=str(run_dir), checkpoint=checkpoint, iteration=iteration, split=split, class_names=names
+            )
+        test.describe(probe_split="train")
+        # without matplotlib: the reports and one FigureWarning
+        test.save(run_dir / "eval-test", figures=True, metrics_file=run_dir / "metrics.jsonl")
         unseen.save(run_dir / "eval-unseen")
         results[weight] = (test, unseen)
     table = Table(title=f"demo results ({args.iterations} iterations, seed {args.seed})")
@@ -352,6 +612,12 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+DATA_HELP = (
+    "a Python file defining data (a Dataset or a mapping of splits); default: the spec's registered dataset, or the "
+    "Python spec file the run was trained from (recorded in RUN/spec_source.json)"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtdisent", description="N-task adversarial representation disentanglement")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -376,12 +642,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--which", default="best", choices=["best", "final", "latest"])
     p.add_argument("--no-probes", action="store_true", help="skip the fresh probes")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--data", default=None, metavar="SPEC.py", help=DATA_HELP)
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("compare", help="runs side by side, mean ± std over runs that differ only in seed")
     p.add_argument("runs", nargs="+")
     p.add_argument("--split", default="test")
     p.add_argument("--unseen-split", default=None, help="also report accuracy on this split (e.g. unseen)")
     p.add_argument("--out", default=None, help="write compare.md here")
+    p.add_argument("--data", default=None, metavar="SPEC.py", help=DATA_HELP)
     p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("sweep", help="train lambda x seeds, plot the accuracy-leakage trade-off, choose lambda")
     p.add_argument("spec")
@@ -392,6 +660,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--unseen-split", default=None)
     p.add_argument("--unseen-task", default=None, help="task whose unseen accuracy is plotted")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--data", default=None, metavar="SPEC.py", help="a Python file whose 'data' to train and evaluate on"
+    )
     p.set_defaults(func=_cmd_sweep)
     p = sub.add_parser("demo", help="train and evaluate the embedded default: the paper's synthetic experiment")
     p.add_argument("--iterations", type=int, default=600)
@@ -402,12 +673,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show mtdisent's figure warnings as ``warning: ...`` lines on stderr (other warnings as Python shows them)."""
+    original = warnings.showwarning
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
+        if issubclass(category, FigureWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mtdisent`` command."""
     args = _parser().parse_args(argv)
     console = Console()
     try:
-        return int(args.func(args, console))
+        with _one_line_warnings():
+            return int(args.func(args, console))
     except TrainingInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signal

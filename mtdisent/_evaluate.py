@@ -50,6 +50,9 @@ def _key(pair: tuple[str, str]) -> str:
     return f"{pair[0]}->{pair[1]}"
 
 
+_PROVENANCE = ("model", "checkpoint", "checkpoint_iteration", "split", "probe_split")
+
+
 @dataclass
 class Report:
     """What :func:`evaluate` measured.
@@ -64,7 +67,14 @@ class Report:
         combinations: Per task, accuracy per factor combination with seen/unseen flags and a summary.
         values: Every metric's values on the evaluation data by key (``acc/<task>``, ``mean_acc``, ... and
             those of the extra metrics passed to :func:`evaluate`).
-        info: Where the numbers came from (sizes, settings).
+        info: Where the numbers came from. The keys the markdown report names in its header (set them
+            with :meth:`describe`, or the same keyword arguments of :meth:`save` / :meth:`to_markdown`):
+            ``model`` (the run directory, or ``"in-memory model"``), ``checkpoint`` (``best``, ``final`` or
+            ``latest``), ``checkpoint_iteration``, ``split`` (the split scored), ``probe_split`` (the split the
+            probes were fitted on), ``n_eval``, ``n_probe``; any other key is listed as is.
+        class_names: ``{task: [class name, ...]}`` as the spec declares them (``experiment.task(t).class_names``);
+            per-class and factor-combination rows use them, and ``report.json`` stores them under
+            ``info["class_names"]``. Indices are printed for a task without names.
     """
 
     tasks: list[str]
@@ -112,8 +122,65 @@ class Report:
         probe = self._probe()
         return dict(probe.normalised) if probe is not None else {}
 
+    def describe(
+        self,
+        *,
+        model: str | Path | None = None,
+        checkpoint: str | None = None,
+        iteration: int | None = None,
+        split: str | None = None,
+        probe_split: str | None = None,
+        class_names: Mapping[str, Sequence[str]] | None = None,
+    ) -> Report:
+        """Record where the numbers came from (only the arguments given); returns the report.
+
+        Args:
+            model: The run directory the model was loaded from, or ``"in-memory model"``.
+            checkpoint: Which model of the run: ``"best"``, ``"final"`` or ``"latest"``.
+            iteration: The training iteration of that checkpoint, when known.
+            split: The split that was scored.
+            probe_split: The split the fresh probes were fitted on.
+            class_names: ``{task: names}`` as the spec declares them.
+        """
+        self.info.update(self._provenance(model, checkpoint, iteration, split, probe_split))
+        if class_names is not None:
+            self.class_names = {t: list(v) for t, v in class_names.items()}
+        return self
+
+    @staticmethod
+    def _provenance(
+        model: str | Path | None,
+        checkpoint: str | None,
+        iteration: int | None,
+        split: str | None,
+        probe_split: str | None,
+    ) -> dict[str, Any]:
+        given = {
+            "model": str(model) if model is not None else None,
+            "checkpoint": checkpoint,
+            "checkpoint_iteration": iteration,
+            "split": split,
+            "probe_split": probe_split,
+        }
+        return {k: v for k, v in given.items() if v is not None}
+
+    def _names(self, task: str, class_names: Mapping[str, Sequence[str]] | None = None) -> list[str] | None:
+        for source in (class_names or {}, self.class_names, self.info.get("class_names") or {}):
+            if source.get(task):
+                return list(source[task])
+        return None
+
+    def _class_label(self, task: str, index: Any, class_names: Mapping[str, Sequence[str]] | None = None) -> str:
+        names = self._names(task, class_names)
+        if names is not None and isinstance(index, int) and 0 <= index < len(names):
+            return names[index]
+        return str(index)
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict."""
+        """A JSON-able dict; ``info["class_names"]`` holds the class names when known."""
+        info = dict(self.info)
+        if self.class_names and "class_names" not in info:
+            info["class_names"] = {t: list(v) for t, v in self.class_names.items()}
         return {
             "tasks": self.tasks,
             "metrics": {t: m.to_dict() for t, m in self.metrics.items()},
@@ -122,18 +189,56 @@ class Report:
             "probes": {layer: {kind: m.to_dict() for kind, m in kinds.items()} for layer, kinds in self.probes.items()},
             "combinations": self.combinations,
             "values": self.values,
-            "info": self.info,
+            "info": info,
         }
 
     def to_json(self, indent: int = 1) -> str:
         """The report as JSON."""
         return json.dumps(self.to_dict(), indent=indent, default=_json_default)
 
-    def to_markdown(self) -> str:
-        """The report as markdown tables."""
-        lines = ["# mtdisent evaluation", ""]
-        if self.info:
-            lines += ["; ".join(f"{k}: {v}" for k, v in self.info.items()), ""]
+    def _header(self, info: Mapping[str, Any]) -> list[str]:
+        model = info.get("model") or "not recorded"
+        checkpoint = info.get("checkpoint")
+        iteration = info.get("checkpoint_iteration")
+        if checkpoint is None:
+            checkpoint = "the model as given" if model == "in-memory model" else "not recorded"
+        if iteration is not None:
+            checkpoint = f"{checkpoint} (iteration {iteration})"
+        n_eval = f" ({info['n_eval']} samples)" if info.get("n_eval") is not None else ""
+        lines = [
+            f"- model: {model}",
+            f"- checkpoint: {checkpoint}",
+            f"- scored on split: {info.get('split') or 'not recorded'}{n_eval}",
+        ]
+        if self.probes:
+            n_probe = f" ({info['n_probe']} samples)" if info.get("n_probe") is not None else ""
+            lines.append(f"- probes fitted on split: {info.get('probe_split') or 'not recorded'}{n_probe}")
+        else:
+            lines.append("- probes: none fitted")
+        shown = {*_PROVENANCE, "n_eval", "n_probe", "class_names"}
+        others = [f"{k}: {v}" for k, v in info.items() if k not in shown]
+        if others:
+            lines.append("- " + "; ".join(others))
+        return lines
+
+    def to_markdown(
+        self,
+        *,
+        model: str | Path | None = None,
+        checkpoint: str | None = None,
+        iteration: int | None = None,
+        split: str | None = None,
+        probe_split: str | None = None,
+        class_names: Mapping[str, Sequence[str]] | None = None,
+    ) -> str:
+        """The report as markdown: a header saying what was scored, then tables.
+
+        The keyword arguments (see :meth:`describe`) override what :attr:`info` records, for this text only.
+        """
+        from ._plots import UNDEFINED_LEAKAGE_NOTE
+
+        info = {**self.info, **self._provenance(model, checkpoint, iteration, split, probe_split)}
+        lines = ["# mtdisent evaluation", "", *self._header(info), ""]
         lines += [
             "## Per task",
             "",
@@ -141,8 +246,11 @@ class Report:
             "|---|---|---|---|---|",
         ]
         for t, m in self.metrics.items():
-            per_class = ", ".join("-" if a is None else f"{a:.3f}" for a in m.per_class_accuracy)
-            lines.append(f"| {t} | {m.accuracy:.4f} | {m.balanced_accuracy:.4f} | {per_class} | {m.n} |")
+            per_class = ", ".join(
+                f"{self._class_label(t, k, class_names)} {'-' if a is None else f'{a:.3f}'}"
+                for k, a in enumerate(m.per_class_accuracy)
+            )
+            lines.append(f"| {t} | {_fmt(m.accuracy)} | {_fmt(m.balanced_accuracy)} | {per_class} | {m.n} |")
         if self.combinations:
             lines += [
                 "",
@@ -154,7 +262,13 @@ class Report:
             for t, c in self.combinations.items():
                 s = c["summary"]
                 worst = s.get("worst_combination")
-                named = ", ".join(f"{f}={v}" for f, v in zip(c["factors"], worst, strict=True)) if worst else "-"
+                named = (
+                    ", ".join(
+                        f"{f}={self._class_label(f, v, class_names)}" for f, v in zip(c["factors"], worst, strict=True)
+                    )
+                    if worst
+                    else "-"
+                )
                 lines.append(
                     f"| {t} | {_fmt(s.get('seen_accuracy'))} (n={s['seen_n']}) | {_fmt(s.get('unseen_accuracy'))} "
                     f"(n={s['unseen_n']}) | {named} | {_fmt(s.get('worst_accuracy'))} |"
@@ -162,45 +276,97 @@ class Report:
         if self.adversary_accuracy:
             lines += ["", "## Trained adversaries", "", "| adversary | accuracy | majority rate |", "|---|---|---|"]
             for k, v in self.adversary_accuracy.items():
-                lines.append(f"| {_key(k)} | {v:.4f} | {self.adversary_majority.get(k, math.nan):.4f} |")
+                lines.append(f"| {_key(k)} | {_fmt(v)} | {_fmt(self.adversary_majority.get(k, math.nan))} |")
         for layer, kinds in self.probes.items():
             for kind, matrix in kinds.items():
                 lines += ["", f"## Fresh {kind} probes on {layer} (rows: features of; columns: predicting)", ""]
                 lines.append("| | " + " | ".join(matrix.tasks) + " |")
                 lines.append("|---" * (len(matrix.tasks) + 1) + "|")
+                undefined = False
                 for i in matrix.tasks:
-                    cells = [f"{matrix.accuracy[(i, j)]:.3f} ({matrix.normalised[(i, j)]:+.2f})" for j in matrix.tasks]
+                    cells = []
+                    for j in matrix.tasks:
+                        acc, norm = matrix.accuracy[(i, j)], matrix.normalised[(i, j)]
+                        undefined = undefined or math.isnan(norm)
+                        acc_text = "-" if math.isnan(acc) else f"{acc:.3f}"
+                        cells.append(f"{acc_text} ({'n/a' if math.isnan(norm) else f'{norm:+.2f}'})")
                     lines.append(f"| {i} | " + " | ".join(cells) + " |")
                 lines.append("")
                 lines.append("Cells: probe accuracy (normalised leakage (acc - majority) / (1 - majority)).")
+                if undefined:
+                    lines.append("")
+                    lines.append(f"{UNDEFINED_LEAKAGE_NOTE}.")
         return "\n".join(lines) + "\n"
 
-    def save(self, directory: str | Path, figures: bool = False, metrics_file: str | Path | None = None) -> Path:
+    def save(
+        self,
+        directory: str | Path,
+        figures: bool = False,
+        metrics_file: str | Path | None = None,
+        *,
+        model: str | Path | None = None,
+        checkpoint: str | None = None,
+        iteration: int | None = None,
+        split: str | None = None,
+        probe_split: str | None = None,
+        class_names: Mapping[str, Sequence[str]] | None = None,
+    ) -> Path:
         """Write report.json and report.md into ``directory``; with ``figures``, also PNGs.
 
-        Figures (matplotlib needed): ``pca.png`` (penultimate embeddings, the paper's Fig. 11 layout),
-        ``leakage_<layer>_<kind>.png`` heatmaps, and ``curves.png`` from ``metrics_file`` when given.
+        Figures: ``pca.png`` (penultimate embeddings, the paper's Fig. 11 layout), ``leakage_<layer>_<kind>.png``
+        heatmaps, and ``curves.png`` from ``metrics_file`` when given. They need matplotlib (the ``plots``
+        extra); without it the reports are still written and one :class:`~mtdisent.FigureWarning` says so.
+        The keyword arguments are recorded in :attr:`info` first (see :meth:`describe`).
         """
+        self.describe(
+            model=model,
+            checkpoint=checkpoint,
+            iteration=iteration,
+            split=split,
+            probe_split=probe_split,
+            class_names=class_names,
+        )
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(self.to_json(), encoding="utf-8")
         (out / "report.md").write_text(self.to_markdown(), encoding="utf-8")
         if figures:
-            from ._plots import plot_curves, plot_leakage, plot_pca
+            import warnings
 
-            if self.embeddings:
-                plot_pca(self.embeddings, self.labels, self.class_names, out / "pca.png", "penultimate layer, PCA")
-            for layer, kinds in self.probes.items():
-                for kind, matrix in kinds.items():
-                    plot_leakage(
-                        matrix.as_tensor(normalised=True).float(),
-                        matrix.tasks,
-                        out / f"leakage_{layer}_{kind}.png",
-                        f"normalised {kind}-probe leakage, {layer}",
-                    )
-            if metrics_file is not None and Path(metrics_file).is_file():
-                plot_curves(metrics_file, out / "curves.png")
+            from ._plots import FigureWarning, PlotsUnavailableError
+
+            try:
+                self._save_figures(out, metrics_file)
+            except PlotsUnavailableError as exc:
+                warnings.warn(f"{exc}; the reports in {str(out)!r} were written without figures", FigureWarning, 2)
         return out
+
+    def _save_figures(self, out: Path, metrics_file: str | Path | None) -> None:
+        import warnings
+
+        from ._plots import FigureWarning, PlotsUnavailableError, plot_curves, plot_leakage, plot_pca
+
+        if self.embeddings:
+            names = {
+                t: self._names(t) or list(map(str, range(len(self.metrics[t].per_class_accuracy)))) for t in self.tasks
+            }
+            plot_pca(self.embeddings, self.labels, names, out / "pca.png", "penultimate layer, PCA")
+        for layer, kinds in self.probes.items():
+            for kind, matrix in kinds.items():
+                plot_leakage(
+                    matrix.as_tensor(normalised=True).float(),
+                    matrix.tasks,
+                    out / f"leakage_{layer}_{kind}.png",
+                    f"normalised {kind}-probe leakage, {layer}",
+                    accuracy=matrix.as_tensor(normalised=False).float(),
+                )
+        if metrics_file is not None and Path(metrics_file).is_file():
+            try:
+                plot_curves(metrics_file, out / "curves.png")
+            except PlotsUnavailableError:
+                raise
+            except MtdisentError as exc:  # e.g. nothing readable yet: the other figures stand
+                warnings.warn(f"no curves.png: {exc}", FigureWarning, 3)
 
 
 def _fmt(v: Any) -> str:

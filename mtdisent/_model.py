@@ -134,10 +134,22 @@ class MultiTaskModel(nn.Module):
 
     # -- computation ---------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
+        """Refuse what the encoders cannot read: wrong shape, or integer images (never converted silently).
+
+        Integer images (``uint8`` from an image file, say) are refused rather than cast: whether 255 means 1.0
+        depends on how the training data was scaled, which the model does not know.
+        """
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             c, h, w = self.input_shape
             raise MtdisentError(f"images must have shape (B, {c}, {h}, {w}) (the experiment's input_shape), got {got}")
+        if not x.is_floating_point():
+            weights = next(self.parameters(), None)
+            expected = weights.dtype if weights is not None else torch.get_default_dtype()
+            raise MtdisentError(
+                f"images must be a floating-point tensor ({expected}, like the model's weights), got {x.dtype}; "
+                "scale them as the training images were, e.g. x.float() / 255 for 8-bit images in [0, 1]"
+            )
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, C, H, W) -> ``{task: (B, D_task)}``, gradients as the current mode allows."""
@@ -223,7 +235,11 @@ class MultiTaskModel(nn.Module):
         return self._inference(lambda t: {k: v.softmax(-1) for k, v in self.classify(self.encode(t)).items()}, x)
 
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{task: LongTensor[B]}`` predicted class indices in eval mode."""
+        """``{task: LongTensor[B]}`` predicted class indices in eval mode.
+
+        ``x`` is a float tensor ``(B, C, H, W)`` scaled like the training images; integer images (``uint8``)
+        raise :class:`~mtdisent.MtdisentError` naming the dtype instead of being converted.
+        """
         return self._inference(lambda t: {k: v.argmax(-1) for k, v in self.classify(self.encode(t)).items()}, x)
 
     def penultimate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

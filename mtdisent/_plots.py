@@ -1,11 +1,15 @@
 """Figures: PCA of embeddings (the paper's Fig. 11 layout), leakage heatmaps, training curves, trade-offs.
 
-matplotlib is optional (``pip install 'mtdisent[plots]'``); without it these functions raise a clear error.
+matplotlib is optional (``pip install 'mtdisent[plots]'``); without it these functions raise
+:class:`PlotsUnavailableError`, and :meth:`mtdisent.Report.save` writes its reports with one
+:class:`FigureWarning` instead of figures.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,26 @@ import torch
 
 from ._errors import MtdisentError
 
-__all__ = ["plot_pca", "plot_leakage", "plot_curves", "plot_tradeoff", "pca_2d"]
+__all__ = [
+    "FigureWarning",
+    "PlotsUnavailableError",
+    "PLOTS_HINT",
+    "plot_pca",
+    "plot_leakage",
+    "plot_curves",
+    "plot_tradeoff",
+    "pca_2d",
+]
+
+PLOTS_HINT = "figures need matplotlib, which the plots extra installs: pip install 'mtdisent[plots]'"
+
+
+class FigureWarning(UserWarning):
+    """A figure was not drawn, or drawn from part of its input (matplotlib missing, unreadable metrics lines)."""
+
+
+class PlotsUnavailableError(MtdisentError, ImportError):
+    """matplotlib is not installed; figures need the ``plots`` extra."""
 
 
 def _plt() -> Any:
@@ -24,7 +47,7 @@ def _plt() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise MtdisentError("figures need matplotlib: pip install 'mtdisent[plots]' (or matplotlib)") from exc
+        raise PlotsUnavailableError(PLOTS_HINT) from exc
     return plt
 
 
@@ -68,28 +91,98 @@ def plot_pca(
     return _save(fig, path)
 
 
-def plot_leakage(matrix: torch.Tensor, tasks: Sequence[str], path: str | Path, title: str = "") -> Path:
-    """Heatmap of an N x N leakage matrix (row = features of, column = predicting)."""
+UNDEFINED_LEAKAGE_NOTE = (
+    "n/a: normalised leakage is undefined where the predicted task has a single class in the scored split "
+    "(majority rate 1, so (acc - majority) / (1 - majority) divides by zero)"
+)
+
+
+def plot_leakage(
+    matrix: torch.Tensor,
+    tasks: Sequence[str],
+    path: str | Path,
+    title: str = "",
+    accuracy: torch.Tensor | None = None,
+) -> Path:
+    """Heatmap of an N x N leakage matrix (row = features of, column = predicting).
+
+    Cells where ``matrix`` is ``nan`` (normalised leakage undefined: a single-class split) are drawn grey and
+    hatched and labelled ``n/a``, with a footnote saying why; ``accuracy`` (the probes' raw accuracies, same
+    shape) is annotated in every cell when given, defined or not.
+    """
     plt = _plt()
-    n = len(tasks)
-    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.1 * n + 1.5))
-    im = ax.imshow(matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(n), tasks, rotation=45, ha="right"), ax.set_yticks(range(n), tasks)
-    ax.set_xlabel("predicting task"), ax.set_ylabel("features of task")
-    for i in range(n):
-        for j in range(n):
-            v = float(matrix[i, j])
-            ax.text(j, i, "nan" if v != v else f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title(title or "normalised probe leakage")
-    fig.tight_layout()
+    fig = _leakage_figure(plt, matrix, tasks, title, accuracy)
     return _save(fig, path)
 
 
+def _leakage_figure(
+    plt: Any, matrix: torch.Tensor, tasks: Sequence[str], title: str = "", accuracy: torch.Tensor | None = None
+) -> Any:
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    n = len(tasks)
+    values = matrix.detach().double().cpu().numpy()
+    undefined = np.isnan(values)
+    fig, ax = plt.subplots(figsize=(1.3 * n + 2.5, 1.2 * n + 1.8))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    im = ax.imshow(np.ma.masked_invalid(values), vmin=0.0, vmax=1.0, cmap=cmap)
+    ax.set_xticks(range(n), tasks, rotation=45, ha="right"), ax.set_yticks(range(n), tasks)
+    ax.set_xlabel("predicting task"), ax.set_ylabel("features of task")
+    ax.set_xlim(-0.5, n - 0.5), ax.set_ylim(n - 0.5, -0.5)
+    for i in range(n):
+        for j in range(n):
+            if undefined[i, j]:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="grey", lw=0))
+            text = "n/a" if undefined[i, j] else f"{values[i, j]:+.2f}"
+            if accuracy is not None:
+                acc = float(accuracy[i, j])
+                text += "\nacc " + ("-" if math.isnan(acc) else f"{acc:.2f}")
+            colour = "black" if undefined[i, j] or values[i, j] > 0.6 else "white"
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title or "normalised probe leakage")
+    if undefined.any():
+        fig.text(0.01, 0.01, UNDEFINED_LEAKAGE_NOTE, fontsize=6, wrap=True, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.06 if undefined.any() else 0, 1, 1))
+    return fig
+
+
+def read_metrics(metrics_file: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl; unreadable lines (a torn last write) are skipped with a FigureWarning."""
+    rows: list[dict[str, Any]] = []
+    bad: list[int] = []
+    for number, line in enumerate(Path(metrics_file).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad.append(number)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("iteration"), (int, float)):
+            rows.append(row)
+        else:
+            bad.append(number)
+    if bad:
+        lines = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warnings.warn(
+            f"{str(metrics_file)!r}: skipped {len(bad)} unreadable line{'s' if len(bad) > 1 else ''} ({lines}; "
+            "a write cut short?); the curves use the other lines",
+            FigureWarning,
+            stacklevel=3,
+        )
+    return rows
+
+
 def plot_curves(metrics_file: str | Path, path: str | Path) -> Path:
-    """Training curves from a run's metrics.jsonl: task accuracy, adversary accuracy, validation accuracy."""
+    """Training curves from a run's metrics.jsonl: task accuracy, adversary accuracy, validation accuracy.
+
+    Lines that are not a JSON object with an ``iteration`` (a torn last line after a crash) are skipped with
+    a :class:`FigureWarning` naming the file and the line numbers.
+    """
     plt = _plt()
-    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_file)
     if not rows:
         raise MtdisentError(f"{str(metrics_file)!r} holds no metrics")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

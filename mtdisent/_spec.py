@@ -11,8 +11,9 @@ import json
 import math
 import runpy
 from collections.abc import Mapping
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -64,14 +65,90 @@ def _task_name_at(data: Any, loc: tuple[int | str, ...]) -> str | None:
     return None
 
 
+def _spec_models() -> list[type[SpecModel]]:
+    """Every spec model class, subclasses of subclasses included."""
+    found: list[type[SpecModel]] = []
+    todo = list(SpecModel.__subclasses__())
+    while todo:
+        model = todo.pop(0)
+        if model not in found:
+            found.append(model)
+            todo.extend(model.__subclasses__())
+    return found
+
+
 def _all_field_names() -> set[str]:
+    """Field names of every spec model (the fallback when the model at an error's location is unknown)."""
     names: set[str] = set()
-    for model in SpecModel.__subclasses__():
+    for model in _spec_models():
         names.update(model.model_fields)
     return names
 
 
-def _format_validation_error(exc: ValidationError, model: str, data: Any) -> tuple[str, list[Any]]:
+def _nested_model(annotation: Any) -> type[SpecModel] | None:
+    """The spec model inside a field's annotation (``HeadSpec | None``, ``list[Task]``...), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, SpecModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_at(root: type[SpecModel], loc: tuple[int | str, ...]) -> type[SpecModel] | None:
+    """The spec model that holds the last entry of ``loc`` when validation started at ``root``."""
+    model = root
+    for part in loc[:-1]:
+        if isinstance(part, int) or part.startswith("function-") or part in {"model", "tagged-union"}:
+            continue  # list indices and pydantic's validator wrappers do not change the model
+        info = model.model_fields.get(part)
+        nested = _nested_model(info.annotation) if info is not None else None
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def _field_locations(name: str) -> list[tuple[str, type[SpecModel]]]:
+    """Where ``name`` is a field in an Experiment: ``[(path from the top level, model holding it)]``."""
+    out: list[tuple[str, type[SpecModel]]] = []
+
+    def walk(model: type[SpecModel], prefix: str, depth: int) -> None:
+        for field_name, info in model.model_fields.items():
+            path = f"{prefix}.{field_name}" if prefix else field_name
+            if field_name == name:
+                out.append((path, model))
+            nested = _nested_model(info.annotation)
+            if nested is not None and depth < 6:
+                walk(nested, path + ("[i]" if get_origin(info.annotation) is list else ""), depth + 1)
+
+    walk(Experiment, "", 0)
+    return sorted(out, key=lambda item: item[0].count("."))  # the shallowest places first
+
+
+def _unknown_field_message(name: str, root: type[SpecModel], loc: tuple[int | str, ...]) -> str:
+    """``unknown field 'x'``, where it belongs instead (if anywhere), a close match, and the fields valid here."""
+    here = _model_at(root, loc)
+    if here is None:
+        return f"unknown field {name!r}. {did_you_mean(name, _all_field_names())}"
+    msg = f"unknown field {name!r}"
+    elsewhere = _field_locations(name)
+    if elsewhere:
+        by_owner: dict[str, list[str]] = {}
+        for path, owner in elsewhere[:5]:
+            parent = path.rpartition(".")[0]
+            by_owner.setdefault(owner.__name__, []).append(f"in {parent}" if parent else "at the top level")
+        places = [f"{' or '.join(wheres)} ({owner}.{name})" for owner, wheres in by_owner.items()]
+        more = f" (and {len(elsewhere) - 5} more places)" if len(elsewhere) > 5 else ""
+        msg += f"; {name!r} belongs {', or '.join(places)}{more}"
+    valid = sorted(here.model_fields)
+    close = get_close_matches(name, valid, n=3, cutoff=0.6)
+    msg += "." + (f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else "")
+    return msg + f" Valid here ({here.__name__}): {', '.join(repr(v) for v in valid)}."
+
+
+def _format_validation_error(exc: ValidationError, model: type[SpecModel], data: Any) -> tuple[str, list[Any]]:
     lines = []
     errors = exc.errors(include_url=False)
     for err in errors:
@@ -84,11 +161,11 @@ def _format_validation_error(exc: ValidationError, model: str, data: Any) -> tup
             lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
             continue
         if err["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
-            msg = f"unknown field {loc[-1]!r}. {did_you_mean(loc[-1], _all_field_names())}"
+            msg = _unknown_field_message(loc[-1], model, loc)
         elif err["type"] == "missing":
             msg = "this field is required"
         lines.append(f"  {where}: {msg}")
-    head = f"invalid {model} spec ({len(errors)} error{'s' if len(errors) != 1 else ''}):"
+    head = f"invalid {model.__name__} spec ({len(errors)} error{'s' if len(errors) != 1 else ''}):"
     return "\n".join([head, *lines]), errors
 
 
@@ -101,7 +178,7 @@ class SpecModel(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            message, errors = _format_validation_error(exc, type(self).__name__, data)
+            message, errors = _format_validation_error(exc, type(self), data)
             raise SpecError(message, errors) from exc
 
     # Tell pydantic this __init__ only wraps the base one, so nested models are validated by pydantic's
@@ -112,7 +189,7 @@ class SpecModel(BaseModel):
         try:
             super().__setattr__(name, value)
         except ValidationError as exc:
-            message, errors = _format_validation_error(exc, type(self).__name__, {})
+            message, errors = _format_validation_error(exc, type(self), {})
             raise SpecError(message, errors) from exc
 
     @classmethod
@@ -121,7 +198,7 @@ class SpecModel(BaseModel):
         try:
             return super().model_validate(obj, **kwargs)
         except ValidationError as exc:
-            message, errors = _format_validation_error(exc, cls.__name__, obj)
+            message, errors = _format_validation_error(exc, cls, obj)
             raise SpecError(message, errors) from exc
 
     @classmethod
@@ -411,10 +488,12 @@ class TrainingSpec(SpecModel):
 
 
 class Experiment(SpecModel):
-    """An N-task disentanglement experiment.
+    """An N-task disentanglement experiment (N >= 1).
 
     Args:
-        tasks: The tasks (unique names); one task builds a single-task baseline network without adversaries.
+        tasks: The tasks, at least one, with unique names. Two or more are disentangled from each other (one
+            adversary per ordered pair); a single task trains a single-task baseline (one encoder and one
+            classifier, no adversaries).
         backbone: Encoder used by every task without its own ``backbone``.
         input_shape: ``(channels, height, width)`` of the images; may come from a dataset instead.
         head: Classifier head used by every task without its own ``head``.
@@ -453,7 +532,10 @@ class Experiment(SpecModel):
     def _cross_checks(self, info: ValidationInfo) -> Experiment:
         names = [t.name for t in self.tasks]
         if not names:
-            raise ValueError("tasks: at least 1 task is needed (2 or more to disentangle; 1 is a single-task baseline)")
+            raise ValueError(
+                "tasks: at least 1 task is needed (2 or more are disentangled from each other; "
+                "1 trains a single-task baseline without adversaries)"
+            )
         seen: dict[str, int] = {}
         for i, n in enumerate(names):
             if n in seen:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -225,3 +226,83 @@ def test_demo_trains_both_models_and_reports_seen_unseen_and_leakage(tmp_path, c
         unseen = json.loads((run / "eval-unseen" / "report.json").read_text())
         assert unseen["info"]["n_eval"] == 100  # 100 circles on black at every scale
         assert (run / "eval-test" / "pca.png").is_file() and (run / "eval-test" / "curves.png").is_file()
+
+
+def _two_task_report(normalised_ab=float("nan")):
+    from mtdisent.evaluation import LeakageMatrix, task_metrics
+
+    tasks = ["a", "b"]
+    metrics = {
+        "a": task_metrics(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 1, 1, 0]), 2),
+        "b": task_metrics(torch.tensor([2, 2, 2, 2]), torch.tensor([2, 2, 2, 2]), 3),  # one class in this split
+    }
+    acc = {("a", "a"): 0.75, ("a", "b"): 1.0, ("b", "a"): 0.5, ("b", "b"): 1.0}
+    norm = {("a", "a"): 0.5, ("a", "b"): normalised_ab, ("b", "a"): 0.0, ("b", "b"): normalised_ab}
+    matrix = LeakageMatrix(tasks, acc, {"a": 0.5, "b": 1.0}, norm)
+    return md.Report(tasks, metrics, probes={"features": {"linear": matrix}})
+
+
+def test_undefined_normalised_leakage_is_n_a_with_a_footnote():
+    text = _two_task_report().to_markdown()
+    assert "nan" not in text
+    assert "| a | 0.750 (+0.50) | 1.000 (n/a) |" in text and "| b | 0.500 (+0.00) | 1.000 (n/a) |" in text
+    footnote = [x for x in text.splitlines() if x.startswith("n/a:")]
+    assert len(footnote) == 1 and "single class" in footnote[0] and "majority rate 1" in footnote[0]
+    assert "n/a:" not in _two_task_report(normalised_ab=0.25).to_markdown()  # no footnote when all are defined
+
+
+def test_report_header_and_rows_use_what_describe_records():
+    report = _two_task_report().describe(
+        model="in-memory model", split="unseen", probe_split="train", class_names={"a": ["cat", "dog"]}
+    )
+    text = report.to_markdown()
+    assert "- model: in-memory model\n- checkpoint: the model as given\n- scored on split: unseen\n" in text
+    assert "- probes fitted on split: train\n" in text
+    assert "| a | 0.7500 | 0.7500 | cat 0.500, dog 1.000 | 4 |" in text
+    assert "| b | 1.0000 | 1.0000 | 0 -, 1 -, 2 1.000 | 4 |" in text  # no names declared: indices
+    assert json.loads(report.to_json())["info"]["class_names"] == {"a": ["cat", "dog"]}
+    # keyword arguments of to_markdown describe this text only
+    assert "- checkpoint: latest (iteration 7)\n" in report.to_markdown(checkpoint="latest", iteration=7)
+    assert "checkpoint" not in report.info
+
+
+def test_leakage_heatmap_hatches_undefined_cells_and_still_shows_accuracy(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from mtdisent._plots import _leakage_figure, plot_leakage
+
+    matrix = _two_task_report().probes["features"]["linear"]
+    norm, acc = matrix.as_tensor(normalised=True), matrix.as_tensor()
+    fig = _leakage_figure(plt, norm, matrix.tasks, "t", accuracy=acc)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["+0.50\nacc 0.75", "n/a\nacc 1.00", "+0.00\nacc 0.50", "n/a\nacc 1.00"]
+    hatched = [p for p in fig.axes[0].patches if p.get_hatch()]
+    assert sorted((p.get_x(), p.get_y()) for p in hatched) == [(0.5, -0.5), (0.5, 0.5)]  # column b, both rows
+    assert any("single class" in t.get_text() for t in fig.texts)  # the footnote
+    plt.close(fig)
+    path = plot_leakage(torch.full((2, 2), float("nan")), ["a", "b"], tmp_path / "all_nan.png", accuracy=acc)
+    image = plt.imread(path)
+    h, w = image.shape[:2]
+    assert abs(float(image[h // 2, int(w * 0.3), 0]) - 0.827) < 0.05  # lightgrey, not a blank cell
+
+
+def test_training_curves_skip_a_torn_line_with_a_warning(run, tmp_path):
+    pytest.importorskip("matplotlib")
+    from mtdisent._plots import plot_curves
+
+    torn = tmp_path / "metrics.jsonl"
+    lines = (run.out_dir / "metrics.jsonl").read_text().splitlines()
+    torn.write_text("\n".join(lines) + '\n{"iteration": 9, "acc/a": 0.')
+    with pytest.warns(md.FigureWarning, match=rf"skipped 1 unreadable line \({len(lines) + 1};") as record:
+        plot_curves(torn, tmp_path / "curves.png")
+    assert str(torn) in str(record[0].message)
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_save_without_matplotlib_writes_the_reports_and_warns_once(run, tmp_path, monkeypatch):
+    data = correlated_data()
+    report = md.evaluate(run, data=data["test"], probe_data=data["train"], probes=("linear",), layers=("features",))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.warns(md.FigureWarning, match=r"pip install 'mtdisent\[plots\]'") as record:
+        out = report.save(tmp_path / "eval", figures=True, metrics_file=run.out_dir / "metrics.jsonl")
+    assert len([w for w in record if issubclass(w.category, md.FigureWarning)]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]

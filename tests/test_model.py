@@ -85,6 +85,18 @@ def test_input_shape_errors(two_tasks):
         model.predict(torch.randn(2, 3, 16, 24))
 
 
+def test_integer_images_are_refused_naming_the_dtype(two_tasks):
+    model = md.build_model(two_tasks)
+    images = torch.randint(0, 256, (2, 1, 16, 24), dtype=torch.uint8)
+    for call in (model.predict, model.predict_proba, model.features, model.penultimate):
+        with pytest.raises(md.MtdisentError) as info:
+            call(images)
+        message = str(info.value)
+        assert "\n" not in message
+        assert "torch.uint8" in message and "floating-point" in message and "torch.float32" in message
+    assert set(model.predict(images.float() / 255)) == {"plane", "shadow"}  # the conversion it suggests works
+
+
 def test_indivisible_input_names_backbone_and_valid_sizes(two_tasks):
     with pytest.raises(md.ComponentError) as info:
         md.build_model(two_tasks.model_copy(update={"input_shape": (1, 15, 24)}))

@@ -46,8 +46,9 @@ def test_duplicate_task_names():
 
 
 def test_no_task_is_refused_and_one_task_is_a_baseline_without_adversaries():
-    with pytest.raises(md.SpecError, match="at least 1 task"):
+    with pytest.raises(md.SpecError, match="at least 1 task.*1 trains a single-task baseline without adversaries"):
         make(tasks=[])
+    assert "at least one" in md.Experiment.__doc__ and "single-task baseline" in md.Experiment.__doc__
     single = make(tasks=[md.Task(name="a", num_classes=2)])
     model = md.build_model(single)
     assert model.pairs == [] and model.task_names == ["a"]
@@ -253,3 +254,48 @@ def test_paper_synthetic_preset_matches_the_shapes_dataset_size(scale):
     assert us.head_for("plane").hidden == [256, 256] and us.head_for("shadow").hidden == [256]
     with pytest.raises(md.UnknownComponentError, match="paper_synthetic"):
         md.preset("paper_synthetc")
+
+
+def test_a_misplaced_field_is_told_where_it_belongs_and_what_is_valid_here():
+    with pytest.raises(md.SpecError) as info:
+        md.Experiment.model_validate({"tasks": [{"name": "a", "num_classes": 2}], "training": {"seed": 1}})
+    (line,) = [x for x in str(info.value).splitlines() if "unknown field" in x]
+    assert "training.seed: unknown field 'seed'; 'seed' belongs at the top level (Experiment.seed)." in line
+    valid = line.split("Valid here (TrainingSpec): ")[1]
+    assert "'iterations'" in valid and "'batch_size'" in valid
+    # only TrainingSpec's fields: nothing from the top level, the tasks or the heads
+    for elsewhere in ("'seed'", "'tasks'", "'num_classes'", "'hidden'", "'weight'"):
+        assert elsewhere not in valid, elsewhere
+    assert valid.count("'") == 2 * len(md.TrainingSpec.model_fields)
+
+
+@pytest.mark.parametrize(
+    "spec, fragments",
+    [
+        (
+            {"lr": 0.1},
+            ["lr: unknown field 'lr'", "in training.optimizer or in training.adversary_optimizer", "OptimizerSpec.lr"],
+        ),
+        (
+            {"tasks": [{"name": "a", "num_classes": 2, "hidden": [4]}]},
+            ["tasks[0].hidden (task 'a')", "HeadSpec.hidden", "Valid here (Task)"],
+        ),
+        (
+            {"training": {"iteratons": 3}},
+            ["unknown field 'iteratons'. Did you mean 'iterations'?", "Valid here (TrainingSpec)"],
+        ),
+        (
+            {"adversary": {"head": {"hiden": [3]}}},
+            [
+                "adversary.head.hiden",
+                "Did you mean 'hidden'?",
+                "Valid here (HeadSpec): 'activation', 'batchnorm', 'bias', 'dropout', 'hidden'.",
+            ],
+        ),
+    ],
+)
+def test_unknown_fields_are_checked_against_their_own_section(spec, fragments):
+    with pytest.raises(md.SpecError) as info:
+        md.Experiment.model_validate({"tasks": [{"name": "a", "num_classes": 2}], **spec})
+    for f in fragments:
+        assert f in str(info.value), (f, str(info.value))
