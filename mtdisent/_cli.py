@@ -195,6 +195,7 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
             data=namespace.get("data"),
             out_dir=out,
             resume=args.resume,
+            restart=args.restart,
             quiet=args.quiet,
             device=args.device,
         )
@@ -336,41 +337,11 @@ class _DataFiles:
         return resolve_data(run.experiment, self._load(spec))
 
 
-def _checkpoint_used(path: Path, which: str) -> tuple[str, int | None]:
-    """Which model ``load(path, which)`` reads, as a label, and its training iteration when recorded."""
-
-    def iteration(file: Path) -> int | None:
-        try:
-            value = json.loads(file.read_text(encoding="utf-8")).get("iteration")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return value if isinstance(value, int) else None
-
-    if (path / "state.json").is_file():
-        return f"checkpoint {path.name}", iteration(path / "state.json")
-    if which == "final" and (path / "model.json").is_file():
-        return "final", iteration(path / "model.json")
-    if which == "best" and (path / "checkpoints" / "best" / "state.json").is_file():
-        return "best", iteration(path / "checkpoints" / "best" / "state.json")
-    checkpoints = sorted(p for p in (path / "checkpoints").glob("iter-*") if (p / "state.json").is_file())
-    label = "latest" if which == "latest" else f"latest (the run has no {which} model)"
-    return label, iteration(checkpoints[-1] / "state.json") if checkpoints else None
-
-
 def _evaluate_run(run: _RunDir, data: Any, split: str, probes: bool, figures: bool, which: str = "best") -> Any:
     """Evaluate one run, say in the report what was scored, and save it into ``RUN/eval-SPLIT``."""
     from ._evaluate import evaluate
 
     report = evaluate(run.path, data=data, split=split, which=which, probe_data=None if probes else False)
-    checkpoint, iteration = _checkpoint_used(run.path, which)
-    report.describe(
-        model=str(run.path),
-        checkpoint=checkpoint,
-        iteration=iteration,
-        split=split,
-        probe_split="train" if report.probes else None,
-        class_names={t.name: t.class_names for t in run.experiment.tasks},
-    )
     metrics = run.root / "metrics.jsonl"
     report.save(run.path / f"eval-{split}", figures=figures, metrics_file=metrics if metrics.is_file() else None)
     return report
@@ -573,13 +544,6 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
         run = train(e, out_dir=run_dir, resume=resume, quiet=args.quiet)
         test = evaluate(run, split="test", probes=("linear",))
         unseen = evaluate(run, split="unseen", probe_data=False)
-        checkpoint, iteration = _checkpoint_used(run_dir, "best")
-        names = {t.name: t.class_names for t in e.tasks}
-        for report, split in ((test, "test"), (unseen, "unseen")):
-            report.describe(
-                model=str(run_dir), checkpoint=checkpoint, iteration=iteration, split=split, class_names=names
-            )
-        test.describe(probe_split="train")
         # without matplotlib: the reports and one FigureWarning
         test.save(run_dir / "eval-test", figures=True, metrics_file=run_dir / "metrics.jsonl")
         unseen.save(run_dir / "eval-unseen")
@@ -633,6 +597,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="run directory (checkpoints, metrics.jsonl, final model)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="move --out-dir's previous checkpoints and metrics into discarded-<time>/ and train from iteration 0",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--device", default=None, help="override training.device (cpu, cuda, auto)")
     p.set_defaults(func=_cmd_train)

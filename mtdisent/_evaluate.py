@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from ._data import DataError, DataSource, resolve_data, task_classes
-from ._engine import Run, load
+from ._engine import Run
+from ._engine._checkpoint import load_with_provenance
 from ._errors import MtdisentError
 from ._model import MultiTaskModel
 from ._torch import eval_mode
@@ -35,14 +36,25 @@ from .evaluation import (
 __all__ = ["Report", "evaluate", "resolve_model"]
 
 
-def resolve_model(source: Any, which: str = "best") -> MultiTaskModel:
-    """A model from a :class:`Run`, a run or checkpoint directory, or a model."""
+def resolve_model(source: Any, which: str = "best") -> tuple[MultiTaskModel, dict[str, Any]]:
+    """A model from a :class:`Run`, a run or checkpoint directory, or a model, and where it came from.
+
+    Returns:
+        ``(model, provenance)``: provenance holds ``model`` (the run directory or ``"in-memory model"``),
+        ``checkpoint`` and ``iteration`` where known, as :meth:`Report.describe` takes them.
+    """
     if isinstance(source, MultiTaskModel):
-        return source
+        return source, {"model": "in-memory model"}
     if isinstance(source, Run):
-        return source.model_at(which)
+        model = source.model_at(which)
+        at_best = which == "best" and source.best is not None
+        checkpoint = which if which != "best" or at_best else "final (the run has no best checkpoint)"
+        where = str(source.out_dir) if source.out_dir is not None else "in-memory model"
+        iteration = source.best["iteration"] if at_best and source.best is not None else source.iteration
+        return model, {"model": where, "checkpoint": checkpoint, "iteration": iteration}
     if isinstance(source, (str, Path)):
-        return load(source, which=which)
+        model, info = load_with_provenance(source, which=which)
+        return model, {"model": str(source), "checkpoint": info["checkpoint"], "iteration": info["iteration"]}
     raise MtdisentError(f"evaluate expects a Run, a run directory or a MultiTaskModel, got {type(source).__name__}")
 
 
@@ -63,7 +75,8 @@ class Report:
         adversary_accuracy: ``{(source, target): accuracy}`` of the trained adversaries on the data (with an
             ensemble, its most accurate member).
         probes: ``{layer: {kind: LeakageMatrix}}`` fresh-probe leakage (layers ``features`` and
-            ``penultimate``; kinds ``linear`` and ``mlp``), including i == j.
+            ``penultimate``; kinds ``linear`` and ``mlp``, including i == j, and ``linear_conditional`` /
+            ``mlp_conditional``, the probes within each class of the source task).
         combinations: Per task, accuracy per factor combination with seen/unseen flags and a summary.
         values: Every metric's values on the evaluation data by key (``acc/<task>``, ``mean_acc``, ... and
             those of the extra metrics passed to :func:`evaluate`).
@@ -89,9 +102,14 @@ class Report:
     labels: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     class_names: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
-    def off_diagonal_leakage(self, layer: str = "features", kind: str = "linear") -> float:
-        """Mean normalised probe leakage over pairs i != j (nan where undefined is skipped)."""
-        probe = self._probe(layer, kind)
+    def off_diagonal_leakage(self, layer: str = "features", kind: str = "linear", conditional: bool = True) -> float:
+        """Mean normalised probe leakage over pairs i != j (nan where undefined is skipped).
+
+        The headline leakage: conditional by default (see :attr:`conditional_leakage`), the unconditional probes'
+        with ``conditional=False``; a report without conditional probes falls back to the unconditional ones.
+        """
+        probe = self._probe(layer, f"{kind}_conditional") if conditional else None
+        probe = probe or self._probe(layer, kind)
         if probe is None:
             return math.nan
         vals = [v for (i, j), v in probe.normalised.items() if i != j and not math.isnan(v)]
@@ -120,6 +138,20 @@ class Report:
     def leakage_normalised(self) -> dict[tuple[str, str], float]:
         """The same, normalised: (acc - majority) / (1 - majority)."""
         probe = self._probe()
+        return dict(probe.normalised) if probe is not None else {}
+
+    @property
+    def conditional_leakage(self) -> dict[tuple[str, str], float]:
+        """Normalised conditional linear-probe leakage ``{(i, j): value}`` on the encoder features.
+
+        A probe reads task j from task i's features within each class of task i, and its accuracy is normalised
+        against the majority rate of j within that class (weighted over classes). When the factors are
+        correlated in the data, an unconditional probe reads j *through* task i's own information (a perfect
+        shape feature tells the background when circles are only ever on white); the conditional one measures
+        only what the features carry beyond their own task: 0 when they carry nothing more, 1 when they tell j
+        perfectly within every class of i.
+        """
+        probe = self._probe("features", "linear_conditional")
         return dict(probe.normalised) if probe is not None else {}
 
     def describe(
@@ -278,8 +310,12 @@ class Report:
             for k, v in self.adversary_accuracy.items():
                 lines.append(f"| {_key(k)} | {_fmt(v)} | {_fmt(self.adversary_majority.get(k, math.nan))} |")
         for layer, kinds in self.probes.items():
-            for kind, matrix in kinds.items():
-                lines += ["", f"## Fresh {kind} probes on {layer} (rows: features of; columns: predicting)", ""]
+            for kind, matrix in sorted(kinds.items(), key=lambda kv: not kv[1].conditional):
+                name = f"{matrix.kind} probes" + (" within each class of the row's task" if matrix.conditional else "")
+                lines += ["", f"## Fresh {name} on {layer} (rows: features of; columns: predicting)", ""]
+                if matrix.info.get("fit_split") and matrix.info.get("score_split"):
+                    fit, score = matrix.info["fit_split"], matrix.info["score_split"]
+                    lines += [f"Fitted on split {fit!r}, scored on split {score!r}.", ""]
                 lines.append("| | " + " | ".join(matrix.tasks) + " |")
                 lines.append("|---" * (len(matrix.tasks) + 1) + "|")
                 undefined = False
@@ -381,6 +417,11 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _has_splits(data: Any) -> bool:
+    """Whether ``data`` names its splits (spec data, a mapping or a DataSource), rather than being one dataset."""
+    return data is None or isinstance(data, (DataSource, Mapping))
+
+
 def _split(data: Any, model: MultiTaskModel, split: str | None, default: str) -> Any:
     if data is None or isinstance(data, (DataSource, Mapping)):
         source = data if isinstance(data, DataSource) else resolve_data(model.experiment, data)
@@ -426,6 +467,7 @@ def evaluate(
     seed: int = 0,
     device: str | torch.device = "auto",
     metrics: Sequence[Metric] = (),
+    conditional: bool = True,
 ) -> Report:
     """Evaluate a trained model.
 
@@ -444,15 +486,18 @@ def evaluate(
         device: Where to run the model: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``...
         metrics: Extra :class:`~mtdisent.Metric` objects computed on the evaluation data (in ``report.values``
             next to the built-in accuracy keys).
+        conditional: Also fit the conditional probes (kinds ``<kind>_conditional``, the headline leakage).
 
     Returns:
         A :class:`Report`.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = resolve_model(source, which).to(device)
+    model, provenance = resolve_model(source, which)
+    model = model.to(device)
     tasks = model.task_names
     eval_set = _split(data, model, split, "test")
+    split_name = split or "test" if _has_splits(data) else "given dataset"
     feats, labels = collect_features(model, eval_set, batch_size=batch_size, layer="features", device=device)
     with torch.no_grad(), eval_mode(model):
         logits = model.classify({t: f.to(device) for t, f in feats.items()})
@@ -469,7 +514,9 @@ def evaluate(
     report = Report(tasks, accuracy.task_metrics(), adv_acc, adv_maj, info={"n_eval": len(next(iter(labels.values())))})
     report.values = values
     report.labels = labels
-    report.class_names = {t: model.experiment.task(t).class_names for t in tasks}
+    report.describe(
+        **provenance, split=split_name, class_names={t: model.experiment.task(t).class_names for t in tasks}
+    )
 
     probe_set = None
     if probe_data is not False:
@@ -480,6 +527,11 @@ def evaluate(
             probe_set = _split(probe_data, model, probe_split, probe_split)
     if probe_set is not None:
         n_classes = {t: model.experiment.task(t).n_classes for t in tasks}
+        fit_name = probe_split if (probe_data is None or _has_splits(probe_data)) else "given dataset"
+        names = (
+            {"fit_split": fit_name, "score_split": split_name} if "given dataset" not in (fit_name, split_name) else {}
+        )
+        report.describe(probe_split=fit_name)
         for layer in layers:
             tr_f, tr_y = collect_features(model, probe_set, batch_size=batch_size, layer=layer, device=device)
             ev_f = feats
@@ -487,9 +539,13 @@ def evaluate(
                 ev_f, _ = collect_features(model, eval_set, batch_size=batch_size, layer=layer, device=device)
             if layer == "penultimate":
                 report.embeddings = ev_f
-            report.probes[layer] = {
-                kind: leakage_matrix(tr_f, tr_y, ev_f, labels, n_classes, kind=kind, seed=seed) for kind in probes
-            }
+            report.probes[layer] = {}
+            for kind in probes:
+                for cond in (False, True) if conditional else (False,):
+                    key = f"{kind}_conditional" if cond else kind
+                    report.probes[layer][key] = leakage_matrix(
+                        tr_f, tr_y, ev_f, labels, n_classes, kind=kind, seed=seed, conditional=cond, **names
+                    )
         report.info["n_probe"] = len(next(iter(tr_y.values())))
         seen = seen_combinations(tr_y, tasks)  # factor combinations present in the probe (training) data
         for t in tasks:

@@ -40,8 +40,14 @@ __all__ = ["Registry", "ComponentInfo", "backbones", "objectives", "datasets", "
 T = TypeVar("T")
 
 
-def check_arguments(fn: Callable[..., Any], args: Mapping[str, Any], what: str, skip: tuple[str, ...] = ()) -> None:
-    """Raise :class:`ComponentError` naming ``what`` if ``args`` holds a keyword ``fn`` does not accept.
+def check_arguments(
+    fn: Callable[..., Any],
+    args: Mapping[str, Any],
+    what: str,
+    skip: tuple[str, ...] = (),
+    error: type[MtdisentError] = ComponentError,
+) -> None:
+    """Raise ``error`` (:class:`ComponentError`) naming ``what`` if ``args`` holds a keyword ``fn`` does not accept.
 
     ``fn`` may be a function or a class (its ``__init__`` signature). Names in ``skip`` are filled in by the
     caller and are not the user's to give. A factory taking ``**kwargs`` accepts anything.
@@ -56,7 +62,7 @@ def check_arguments(fn: Callable[..., Any], args: Mapping[str, Any], what: str, 
     for key in args:
         if key not in valid:
             hint = did_you_mean(key, valid) if valid else "It takes no arguments."
-            raise ComponentError(f"{what}: unknown argument {key!r}. {hint}")
+            raise error(f"{what}: unknown argument {key!r}. {hint}")
 
 
 @dataclass(frozen=True)

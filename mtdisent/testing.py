@@ -15,7 +15,7 @@ what is wrong.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -232,7 +232,7 @@ def check_dataset(
                     f"{label}, split {split!r}, sample {i}, task {t!r}: the item says {got}, the label table {table}"
                 )
             if is_tensor_backed(ds):
-                assert torch.equal(image.float(), getattr(ds, "images")[i].float()), (
+                assert torch.equal(image.float(), cast(Any, ds).images[i].float()), (
                     f"{label}, split {split!r}, sample {i}: dataset[i] differs from images[i]; a dataset with an "
                     "images tensor must return it unchanged (apply transforms with DataSource.with_transform)"
                 )

@@ -383,7 +383,7 @@ def test_leakage_matrix_errors_name_the_task():
         leakage_matrix(f, y, {"a": f["a"], "b": f["b"]}, y, k)
     with pytest.raises(EvaluationError, match="num_classes has no entry for task 'b'"):
         leakage_matrix(f, y, f, y, {"a": 2, "c": 2})
-    with pytest.raises(EvaluationError, match="unknown probe argument 'max_epoch'.*Did you mean 'max_epochs'"):
+    with pytest.raises(EvaluationError, match="probe: unknown argument 'max_epoch'.*Did you mean 'max_epochs'"):
         leakage_matrix(f, y, f, y, k, max_epoch=3)
     with pytest.raises(EvaluationError, match="unknown probe kind 'svm'"):
         leakage_matrix(f, y, f, y, k, kind="svm")

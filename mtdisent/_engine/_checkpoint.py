@@ -47,6 +47,7 @@ __all__ = [
     "atomic_write_text",
     "export_model",
     "load",
+    "load_with_provenance",
 ]
 
 FORMAT_VERSION = 2
@@ -345,12 +346,26 @@ def load(path: str | os.PathLike[str], which: str = "final", device: str | torch
     Raises:
         CheckpointError: nothing loadable there, or the files are corrupt; the message names the file.
     """
+    return load_with_provenance(path, which, device)[0]
+
+
+def load_with_provenance(
+    path: str | os.PathLike[str], which: str = "final", device: str | torch.device = "cpu"
+) -> tuple[MultiTaskModel, dict[str, Any]]:
+    """:func:`load`, also saying what was loaded: ``{"checkpoint": label, "iteration": n}``.
+
+    The label is ``"final"``, ``"best"``, ``"latest"``, ``"checkpoint <name>"`` for a checkpoint directory, or
+    ``"latest (the run has no <which> model)"`` when a run directory lacks the model asked for.
+    """
     path = Path(path)
     check_which(which)
     if (path / "state.json").is_file():  # a checkpoint directory
         tensors, state = read_checkpoint(path)
         model = _model_from(tensors, _inference_spec(state["experiment"]), state.get("input_shape"), path)
-        return model.to(device).eval()
+        return model.to(device).eval(), {
+            "checkpoint": f"checkpoint {path.name}",
+            "iteration": state.get("iteration"),
+        }
     if not path.is_dir():
         raise CheckpointError(f"{str(path)!r} is not a run or checkpoint directory")
     if which == "final" and (path / "model.json").is_file():
@@ -366,10 +381,13 @@ def load(path: str | os.PathLike[str], which: str = "final", device: str | torch
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{str(tensor_file)!r} cannot be read: {exc}") from exc
         model = _model_from(tensors, _inference_spec(meta["experiment"]), meta.get("input_shape"), tensor_file)
-        return model.to(device).eval()
+        return model.to(device).eval(), {"checkpoint": "final", "iteration": meta.get("iteration")}
     if which == "best" and (path / "checkpoints" / "best").is_dir():
-        return load(path / "checkpoints" / "best", device=device)
+        model, info = load_with_provenance(path / "checkpoints" / "best", device=device)
+        return model, {**info, "checkpoint": "best"}
     latest = latest_checkpoint(path)
     if latest is None:
         raise CheckpointError(f"{str(path)!r} holds no model.safetensors and no valid checkpoint")
-    return load(latest, device=device)
+    model, info = load_with_provenance(latest, device=device)
+    label = "latest" if which == "latest" else f"latest (the run has no {which} model)"
+    return model, {**info, "checkpoint": label}

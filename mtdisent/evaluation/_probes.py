@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import did_you_mean
+from .._registry import check_arguments
+from .._torch import eval_mode
 from ._metrics import (
     UNLABELLED,
     EvaluationError,
@@ -49,6 +51,7 @@ __all__ = [
 ]
 
 PROBE_KINDS = ("linear", "mlp")
+_PROBE_DATA = ("features_train", "y_train", "num_classes", "kind")  # train_probe's own, not probe settings
 # The settings of each kind and their defaults (see train_probe).
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "linear": {"l2": None, "cv_folds": 3, "tol": 1e-5, "max_iter": 1000},
@@ -111,14 +114,10 @@ class Probe(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
         """(B, D) raw features -> ``LongTensor[B]`` predicted classes (eval mode, no gradients)."""
-        was = self.training
-        self.eval()
-        try:
-            if len(x) == 0:
-                return torch.zeros(0, dtype=torch.long, device=x.device)
+        if len(x) == 0:
+            return torch.zeros(0, dtype=torch.long, device=x.device)
+        with eval_mode(self):
             return torch.cat([self(chunk).argmax(-1) for chunk in x.split(batch_size)])
-        finally:
-            self.train(was)
 
 
 @contextlib.contextmanager
@@ -618,13 +617,8 @@ def probe_accuracy(probe: nn.Module, features: torch.Tensor, y: torch.Tensor) ->
     param = next(iter(probe.parameters()), None)
     if param is not None:
         x = x.to(param.device)
-    was = probe.training
-    probe.eval()
-    try:
-        with torch.no_grad():
-            pred = torch.cat([probe(chunk).argmax(-1).cpu() for chunk in x.split(8192)])
-    finally:
-        probe.train(was)
+    with eval_mode(probe), torch.no_grad():
+        pred = torch.cat([probe(chunk).argmax(-1).cpu() for chunk in x.split(8192)])
     return float((pred == labels).double().mean())
 
 
@@ -766,10 +760,7 @@ def leakage_matrix(
         EvaluationError: A task is missing from one of the mappings, shapes disagree, bad probe settings, or the
             same split named for fitting and scoring.
     """
-    allowed = {"seed", *_DEFAULTS["linear"], *_DEFAULTS["mlp"]}
-    for key in probe_kwargs:
-        if key not in allowed:
-            raise EvaluationError(f"unknown probe argument {key!r}. {did_you_mean(key, allowed)}")
+    check_arguments(train_probe, probe_kwargs, "probe", skip=_PROBE_DATA, error=EvaluationError)
     opts = _options(kind, {k: v for k, v in probe_kwargs.items() if k != "seed"})
     seed = _check_seed(probe_kwargs.get("seed", 0))
     for what, split in (("fit_split", fit_split), ("score_split", score_split)):
