@@ -310,7 +310,7 @@ class Report:
             for k, v in self.adversary_accuracy.items():
                 lines.append(f"| {_key(k)} | {_fmt(v)} | {_fmt(self.adversary_majority.get(k, math.nan))} |")
         for layer, kinds in self.probes.items():
-            for kind, matrix in sorted(kinds.items(), key=lambda kv: not kv[1].conditional):
+            for matrix in sorted(kinds.values(), key=lambda m: not m.conditional):
                 name = f"{matrix.kind} probes" + (" within each class of the row's task" if matrix.conditional else "")
                 lines += ["", f"## Fresh {name} on {layer} (rows: features of; columns: predicting)", ""]
                 if matrix.info.get("fit_split") and matrix.info.get("score_split"):
