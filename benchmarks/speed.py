@@ -1,22 +1,39 @@
-"""Speed of one training iteration across task counts: stacked (fast) against separate (reference) heads.
+"""What an iteration costs, measured side by side: the issue's speed and memory targets from one command.
 
-    python benchmarks/speed.py                 # the CPU targets: N = 2, 4, 8 at 64 x 64, batch 50, k = 5, reuse
-    python benchmarks/speed.py --grid cpu-full # N = 2..8, reuse and fresh
-    python benchmarks/speed.py --grid gpu      # 224 x 288 on CUDA, bf16
-    python benchmarks/speed.py --grid quick    # a smoke run
+    python benchmarks/speed.py            # everything below on this machine's CPU (about 15 minutes on 2 cores)
+    python benchmarks/speed.py --quick    # a smoke run at tiny sizes
+    python benchmarks/speed.py --only gates ratio
 
-For every point both paths are built from the same seed, checked to give the same losses for 20 steps
-(the correctness gate; the run stops if they differ), then timed side by side, alternating iterations so
-machine noise hits both alike. One iteration = 1 main step + k adversary steps. Results go to
-benchmarks/results/speed_<grid>.{json,md,png} with the machine description.
+Sections (``--only`` picks some):
+
+* ``gates``: correctness first. The Gram shortcut for the k adversary steps on reused features against the
+  plain steps (same model, same batches): losses and every weight within float tolerance over 20 iterations;
+  the fast path against the reference loop: the same losses over 20 iterations. The run stops if a gate fails.
+* ``ratio``: the targets' points, 1 x 64 x 64, batch 50, k = 5, reused features, the paper's one unconditional
+  adversary per ordered pair, N = 2, 4, 8. *fast* = stacked heads + the Gram shortcut (the library's execution
+  defaults); *naive* = the fair reference loop (one module per head, Python loops, adversary weights out of the
+  main step's graph, foreach optimisers, the same reused features). Timed alternately, medians.
+* ``default``: the library's default adversaries against the paper's at N = 8 (both fast).
+* ``layout``: adversary parameters at the paper's resolution (1 x 224 x 288, flattened DLTK features,
+  D = 64,512) for N = 2, 4, 8: one network per pair against one per source task (``adversary.layout``).
+* ``memory``: the default settings at 1 x 224 x 288 train (3 iterations, batch 50) for N = 2, 4, 8, each in a
+  fresh process: peak resident memory and seconds per iteration.
+* ``main``: the main step's options at N = 4, 64 x 64: channels_last, ``torch.compile``, bf16 autocast, threads.
+* ``loader``: a disk dataset (``csv_images``, PNGs at 224 x 288): training-feed images per second with
+  ``training.num_workers`` 0, 1, 2.
+
+Results go to benchmarks/results/speed.{json,md} with the machine description.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,92 +44,34 @@ import mtdisent as md
 from mtdisent.engine import Loop, build_loop
 
 RESULTS = Path(__file__).parent / "results"
-
-GRIDS: dict[str, dict[str, Any]] = {
-    "quick": {
-        "tasks": [2, 4],
-        "sizes": [(64, 64)],
-        "batch": [50],
-        "steps": [5],
-        "features": ["reuse"],
-        "outputs": ["pool"],
-        "repeats": 2,
-        "gate_steps": 5,
-    },
-    "cpu": {  # the issue's target points: 1 x 64 x 64, batch 50, k = 5, reuse; N = 2, 4, 8 (about 5 minutes)
-        "tasks": [2, 4, 8],
-        "sizes": [(64, 64)],
-        "batch": [50],
-        "steps": [5],
-        "features": ["reuse"],
-        "outputs": ["flatten", "pool"],
-        "repeats": 5,
-        "gate_steps": 20,
-    },
-    "cpu-full": {  # every N and both feature modes (an hour or more on 2 cores)
-        "tasks": [2, 3, 4, 5, 6, 7, 8],
-        "sizes": [(64, 64)],
-        "batch": [50],
-        "steps": [5],
-        "features": ["reuse", "fresh"],
-        "outputs": ["flatten", "pool"],
-        "repeats": 5,
-        "gate_steps": 20,
-    },
-    "gpu": {
-        "tasks": [2, 4, 8],
-        "sizes": [(64, 64), (224, 288)],
-        "batch": [50],
-        "steps": [5],
-        "features": ["reuse", "fresh"],
-        "outputs": ["flatten", "pool"],
-        "repeats": 10,
-        "gate_steps": 20,
-    },
-}
+SECTIONS = ("gates", "ratio", "default", "layout", "memory", "main", "loader")
+PAPER_ADVERSARY = {"ensemble": 1, "conditional": False, "reinit_every": 0}  # one plain adversary per pair
 
 
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
-        except OSError:
-            pass
+def spec(
+    n: int, size: tuple[int, int], *, fast: bool = True, adversary: dict[str, Any] | None = None, **training: Any
+) -> dict[str, Any]:
+    """The benchmark's experiment as a dict: ``shapes_n`` tasks, DLTK encoders, k = 5 on reused features."""
+    return {
+        "tasks": [{"name": f"t{i}", "num_classes": 2} for i in range(n)],
+        "input_shape": (1, *size),
+        "backbone": {"name": "dltk_residual", "args": {"output": "flatten"}},
+        "adversary": {"steps": 5, "features": "reuse", "weight": 0.1, **(adversary or {})},
+        "training": {"batch_size": 50, "device": "cpu", "amp": "off", **training},
+        "execution": {"heads": "stacked", "adversary_steps": "auto"}
+        if fast
+        else {"heads": "separate", "adversary_steps": "plain"},
+        "seed": 0,
+    }
 
 
-def peak_mib(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+def data_for(n: int, size: tuple[int, int], count: int = 300) -> md.DataSource:
+    return md.datasets.get("shapes_n")(num_tasks=n, image_size=list(size), n_train=count, n_eval=20)
 
 
-def experiment(
-    data: md.DataSource, heads: str, output: str, steps: int, features: str, batch: int, device: str
-) -> md.Experiment:
-    return md.Experiment(
-        tasks=data.tasks,
-        input_shape=data.input_shape,
-        backbone={"name": "dltk_residual", "args": {"output": output}},
-        # one unconditional adversary per ordered pair, as in the paper (the library default is an ensemble
-        # of three conditional ones): the N (N - 1) heads the targets are about, and the committed results
-        adversary={"steps": steps, "features": features, "ensemble": 1, "conditional": False, "reinit_every": 0},
-        training={"batch_size": batch, "device": device, "amp": "bf16" if device == "cuda" else "off"},
-        execution={"heads": heads},
-        seed=0,
-    )
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def loop_for(experiment: dict[str, Any], data: md.DataSource) -> Loop:
+    e = md.Experiment.model_validate({**experiment, "tasks": [t.model_dump() for t in data.tasks]})
+    return build_loop(e, data)
 
 
 def iterate(loop: Loop) -> dict[str, float]:
@@ -121,157 +80,383 @@ def iterate(loop: Loop) -> dict[str, float]:
     return metrics
 
 
-def timed(loop: Loop, device: torch.device) -> dict[str, float]:
-    sync(device)
+def timed(loop: Loop) -> dict[str, float]:
     t0 = time.perf_counter()
     m = iterate(loop)
-    sync(device)
     return {"iteration": time.perf_counter() - t0, "main": m["time/main"], "adversary": m["time/adversary"]}
 
 
-def gate(data: md.DataSource, point: dict[str, Any], device: torch.device, steps: int) -> float:
-    """Largest relative difference of the main loss over ``steps`` iterations; raises if beyond tolerance."""
-    trainers = [
-        build_loop(
-            experiment(data, h, point["output"], point["steps"], point["features"], point["batch"], device.type),
-            data,
-            device=device.type,
-        )
-        for h in ("stacked", "separate")
-    ]
-    worst = 0.0
-    for step in range(steps):
-        a, b = (iterate(t)["loss/main"] for t in trainers)
-        diff = abs(a - b) / max(1.0, abs(b))
-        worst = max(worst, diff)
-        tol = 2e-2 if device.type == "cuda" else 2e-3  # bf16 on CUDA
-        if diff > tol:
-            raise SystemExit(f"correctness gate failed at step {step}: stacked {a} vs separate {b} ({point})")
-    return worst
+def side_by_side(loops: dict[str, Loop], repeats: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+    """Median iteration, main-step and adversary-step seconds of each loop, timed alternately."""
+    for loop in loops.values():
+        for _ in range(warmup):
+            iterate(loop)
+    times: dict[str, list[dict[str, float]]] = {k: [] for k in loops}
+    for _ in range(repeats):  # alternate so drifting machine load hits every path alike
+        for name, loop in loops.items():
+            times[name].append(timed(loop))
+    return {
+        name: {f"{key}_s": statistics.median(t[key] for t in ts) for key in ("iteration", "main", "adversary")}
+        for name, ts in times.items()
+    }
 
 
-def run_point(point: dict[str, Any], device: torch.device, repeats: int, gate_steps: int) -> dict[str, Any]:
-    h, w = point["size"]
-    data = md.datasets.get("shapes_n")(num_tasks=point["tasks"], image_size=[h, w], n_train=300, n_eval=20)
-    worst = gate(data, point, device, gate_steps)
-    trainers = {}
-    for heads in ("stacked", "separate"):
-        e = experiment(data, heads, point["output"], point["steps"], point["features"], point["batch"], device.type)
-        trainers[heads] = build_loop(e, data, device=device.type)
-        for _ in range(2):  # warm-up
-            iterate(trainers[heads])
-    times: dict[str, list[dict[str, float]]] = {"stacked": [], "separate": []}
-    for _ in range(repeats):  # alternate so drifting machine load hits both paths alike
-        for heads, tr in trainers.items():
-            times[heads].append(timed(tr, device))
-    out: dict[str, Any] = {**point, "size": f"{h}x{w}", "gate_max_rel_diff": worst}
-    for heads, ts in times.items():
-        it = statistics.median(t["iteration"] for t in ts)
-        out[heads] = {
-            "iteration_s": it,
-            "main_s": statistics.median(t["main"] for t in ts),
-            "adversary_s": statistics.median(t["adversary"] for t in ts),
-            "images_per_s": point["batch"] / it,
+# ----------------------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------------------
+def gates(args: argparse.Namespace) -> dict[str, Any]:
+    """Gram == plain (losses and weights), fast == naive (losses), over ``args.gate_steps`` iterations."""
+    out: dict[str, Any] = {}
+    for n in args.tasks:
+        data = data_for(n, args.size)
+        base = spec(n, args.size, adversary=PAPER_ADVERSARY)
+        plain = copy.deepcopy(base)
+        plain["execution"]["adversary_steps"] = "plain"
+        loops = {
+            "gram": loop_for(base, data),
+            "plain": loop_for(plain, data),
+            "naive": loop_for(spec(n, args.size, fast=False, adversary=PAPER_ADVERSARY), data),
         }
-        reset_peak(device)
-        iterate(trainers[heads])
-        out[heads]["peak_mib"] = peak_mib(device)
-    out["ratio"] = out["stacked"]["iteration_s"] / out["separate"]["iteration_s"]
+        assert loops["gram"].step.gram and not loops["plain"].step.gram  # type: ignore[attr-defined]
+        worst = {"gram_loss": 0.0, "naive_loss": 0.0}
+        for _ in range(args.gate_steps):
+            losses = {k: iterate(v)["loss/main"] for k, v in loops.items()}
+            worst["gram_loss"] = max(
+                worst["gram_loss"], abs(losses["gram"] - losses["plain"]) / max(1.0, abs(losses["plain"]))
+            )
+            worst["naive_loss"] = max(
+                worst["naive_loss"], abs(losses["gram"] - losses["naive"]) / max(1.0, abs(losses["naive"]))
+            )
+        a, b = loops["gram"].model.state_dict(), loops["plain"].model.state_dict()
+        weight = max(
+            float((a[k] - b[k]).abs().max()) / (float(b[k].abs().max()) + 1e-12) for k in a if a[k].is_floating_point()
+        )
+        worst["gram_weights"] = weight
+        out[f"N={n}"] = worst
+        print(f"gates N={n}: {worst}", flush=True)
+        if worst["gram_loss"] > 1e-4 or weight > 1e-3 or worst["naive_loss"] > 2e-3:
+            raise SystemExit(f"correctness gate failed at N={n}: {worst}")
     return out
 
 
-def markdown(results: list[dict[str, Any]], info: dict[str, Any], grid: str) -> str:
-    lines = [
-        f"# Iteration time, stacked vs separate heads ({grid} grid)",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
-        "",
-        "One iteration = 1 main step + k adversary steps; medians of alternating runs; ratio = stacked / separate. "
-        "Peak memory: on CUDA the allocator's peak; on the CPU the process's peak resident set during one "
-        "iteration (it includes the resident models and data, so it separates the paths poorly).",
-        "",
-        "| N | image | batch | k | features | encoder output | stacked s | separate s | ratio | stacked main / adv s "
-        "| separate main / adv s | img/s stacked | peak MiB stacked / separate | gate max rel diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        s, p = r["stacked"], r["separate"]
-        lines.append(
-            f"| {r['tasks']} | {r['size']} | {r['batch']} | {r['steps']} | {r['features']} | {r['output']} "
-            f"| {s['iteration_s']:.3f} | {p['iteration_s']:.3f} | **{r['ratio']:.2f}** "
-            f"| {s['main_s']:.3f} / {s['adversary_s']:.3f} | {p['main_s']:.3f} / {p['adversary_s']:.3f} "
-            f"| {s['images_per_s']:.0f} | {s['peak_mib'] or 0:.0f} / {p['peak_mib'] or 0:.0f} "
-            f"| {r['gate_max_rel_diff']:.1e} |"
+def ratio(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for n in args.tasks:
+        data = data_for(n, args.size)
+        loops = {
+            "fast": loop_for(spec(n, args.size, adversary=PAPER_ADVERSARY), data),
+            "naive": loop_for(spec(n, args.size, fast=False, adversary=PAPER_ADVERSARY), data),
+        }
+        t = side_by_side(loops, args.repeats)
+        row = {"tasks": n, **t, "ratio": t["fast"]["iteration_s"] / t["naive"]["iteration_s"]}
+        rows.append(row)
+        print(
+            f"ratio N={n}: fast {t['fast']['iteration_s']:.3f} s, naive {t['naive']['iteration_s']:.3f} s, "
+            f"{row['ratio']:.2f}",
+            flush=True,
         )
-    return "\n".join(lines) + "\n"
+    return rows
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
+def default(args: argparse.Namespace) -> dict[str, Any]:
+    n = max(args.tasks)
+    data = data_for(n, args.size)
+    loops = {
+        "default": loop_for(spec(n, args.size), data),
+        "paper": loop_for(spec(n, args.size, adversary=PAPER_ADVERSARY), data),
+    }
+    t = side_by_side(loops, args.repeats)
+    adv = md.AdversarySpec()
+    out = {
+        "tasks": n,
+        **t,
+        "ratio": t["default"]["iteration_s"] / t["paper"]["iteration_s"],
+        "default_adversary": adv.model_dump(mode="json"),
+    }
+    print(f"default/paper N={n}: {out['ratio']:.2f}", flush=True)
+    return out
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'mtdisent[plots]'): no PNG written", file=sys.stderr)
-        return False
-    series: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        series.setdefault(f"{r['size']} {r['features']} {r['output']}", []).append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, rs in series.items():
-        n = [r["tasks"] for r in rs]
-        axes[0].plot(n, [r["stacked"]["iteration_s"] for r in rs], "o-", label=f"stacked {label}")
-        axes[0].plot(n, [r["separate"]["iteration_s"] for r in rs], "x--", label=f"separate {label}")
-        axes[1].plot(n, [r["ratio"] for r in rs], "o-", label=label)
-    axes[0].set(xlabel="tasks N", ylabel="seconds per iteration", yscale="log", title="iteration time")
-    axes[1].set(xlabel="tasks N", ylabel="stacked / separate", title="ratio (lower is faster)")
-    axes[1].axhline(1.0, color="gray", lw=0.5)
-    for ax in axes:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+
+def head_parameters(d_in: int, hidden: list[int], k: int, batchnorm: bool = True) -> int:
+    """Parameters of one MLP head (no bias before BatchNorm), as mtdisent builds it."""
+    total, width = 0, d_in
+    for h in hidden:
+        total += width * h + (2 * h if batchnorm else h)
+        width = h
+    return total + width * k + k
+
+
+def layout(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Adversary parameters at 224 x 288 (D = 64,512), counted from the built heads' formula, per layout."""
+    d = md.build_model(md.Experiment.model_validate(spec(2, (224, 288)))).feature_sizes["t0"]
+    hidden = md.AdversarySpec().head.hidden
+    rows = []
+    for n in (2, 4, 8):
+        row: dict[str, Any] = {"tasks": n, "D": d}
+        for name, adversary in (("paper", PAPER_ADVERSARY), ("default", {})):
+            a = md.AdversarySpec(**adversary)
+            extra = 2 if a.conditional else 0
+            m = a.ensemble
+            row[f"{name}_pair"] = n * (n - 1) * m * head_parameters(d + extra, hidden, 2)
+            row[f"{name}_source"] = n * m * head_parameters(d + extra, hidden, 2 * (n - 1))
+        rows.append(row)
+    # the formula is the model's: check it on a model small enough to build
+    e = md.Experiment.model_validate(spec(3, (64, 64), adversary={"layout": "source"}))
+    built = sum(p.numel() for p in md.build_model(e).adversary_parameters())
+    dd = md.build_model(e).feature_sizes["t0"] + 2
+    assert built == 3 * e.adversary.ensemble * head_parameters(dd, hidden, 4), "the parameter formula is wrong"
+    return rows
+
+
+MEMORY_CHILD = """
+import json, resource, sys, time, torch
+import mtdisent as md
+from mtdisent.engine import build_loop
+torch.set_num_threads(int(sys.argv[3]))
+spec = json.loads(sys.argv[1]); iterations = int(sys.argv[2])
+n = len(spec["tasks"])
+data = md.datasets.get("shapes_n")(num_tasks=n, image_size=spec["input_shape"][1:], n_train=100, n_eval=4)
+spec["tasks"] = [t.model_dump() for t in data.tasks]
+loop = build_loop(md.Experiment.model_validate(spec), data)
+params = sum(p.numel() for p in loop.model.adversary_parameters())
+times = []
+for i in range(iterations):
+    t0 = time.perf_counter(); loop.step.update(i); times.append(time.perf_counter() - t0)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"peak_mib": peak, "s_per_iteration": min(times[1:] or times), "adversary_parameters": params}))
+"""
+
+
+def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for n in args.memory_tasks:
+        s = spec(n, args.memory_size)
+        s["adversary"] = {"layout": args.layout} if args.layout else {}
+        proc = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, json.dumps(s), str(args.memory_iterations), str(args.threads)],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+        if proc.returncode != 0:
+            rows.append(
+                {
+                    "tasks": n,
+                    "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else f"exit {proc.returncode}",
+                }
+            )
+        else:
+            rows.append({"tasks": n, **json.loads(proc.stdout.strip().splitlines()[-1])})
+        print(f"memory N={n}: {rows[-1]}", flush=True)
+    return rows
+
+
+def main_step(args: argparse.Namespace) -> dict[str, Any]:
+    n = 4 if 4 in args.tasks else args.tasks[0]
+    data = data_for(n, args.size)
+    variants = {
+        "baseline": {},
+        "channels_last": {"channels_last": True},
+        "compile": {"compile": True},
+        "bf16": {"amp": "bf16"},
+    }
+    loops = {
+        k: loop_for(spec(n, args.size, adversary={**PAPER_ADVERSARY, "steps": 0}, **v), data)
+        for k, v in variants.items()
+    }
+    t = side_by_side(loops, args.repeats, warmup=3)
+    out: dict[str, Any] = {"tasks": n, "variants": {k: v["main_s"] for k, v in t.items()}}
+    threads = torch.get_num_threads()
+    per_threads = {}
+    for th in sorted({1, threads}):
+        torch.set_num_threads(th)
+        per_threads[th] = side_by_side({"baseline": loops["baseline"]}, args.repeats, warmup=1)["baseline"]["main_s"]
+    torch.set_num_threads(threads)
+    out["threads"] = per_threads
+    print(f"main step N={n}: {out}", flush=True)
+    return out
+
+
+def loader(args: argparse.Namespace) -> dict[str, Any]:
+    from PIL import Image
+
+    n_images, size = args.loader_images, (224, 288)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        g = torch.Generator().manual_seed(0)
+        rows = ["file,plane,shadow"]
+        for i in range(n_images):
+            pixels = (torch.rand(size[0] * 2, size[1] * 2, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"img{i}.png")
+            rows.append(f"img{i}.png,{i % 3},{i % 2}")
+        (root / "data.csv").write_text("\n".join(rows) + "\n")
+        source = md.datasets.get("csv_images")(
+            csv=str(root / "data.csv"),
+            image_column="file",
+            label_columns=["plane", "shadow"],
+            image_size=size,
+            val_fraction=0.0,
+            test_fraction=0.0,
+        )
+        out: dict[str, Any] = {"images": n_images, "size": list(size)}
+        for workers in args.workers:
+            e = md.Experiment(
+                tasks=source.tasks, input_shape=source.input_shape, training={"num_workers": workers, "batch_size": 50}
+            )
+            loop = build_loop(e, source)
+            loop.feed.next()  # start the loader (and its workers)
+            t0 = time.perf_counter()
+            batches = 6
+            for _ in range(batches):
+                loop.feed.next()
+            out[f"workers={workers}"] = batches * 50 / (time.perf_counter() - t0)
+            loop.feed.close()
+            print(f"loader workers={workers}: {out[f'workers={workers}']:.0f} images/s", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------------
+def markdown(result: dict[str, Any]) -> str:
+    info = result["machine"]
+    lines = [
+        "# Speed and memory (benchmarks/speed.py)",
+        "",
+        "Machine: "
+        + ", ".join(f"{k} {v}" for k, v in info.items())
+        + f". Other jobs on the machine: {result['shared']}.",
+        "",
+    ]
+    if "gates" in result:
+        lines += [
+            "## Correctness gates (20 iterations)",
+            "",
+            "| N | Gram vs plain: max rel. loss diff | max rel. weight diff | fast vs naive: max rel. loss diff |",
+            "|---|---|---|---|",
+        ]
+        for k, v in result["gates"].items():
+            lines.append(f"| {k[2:]} | {v['gram_loss']:.1e} | {v['gram_weights']:.1e} | {v['naive_loss']:.1e} |")
+        lines.append("")
+    if "ratio" in result:
+        lines += [
+            "## Iteration time: fast / naive (1 x 64 x 64, batch 50, k = 5, reuse, one adversary per pair)",
+            "",
+            "| N | fast s | naive s | **ratio** | target | fast main / adversary s | naive main / adversary s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        targets = {2: 0.8, 4: 0.5, 8: 0.3}
+        for r in result["ratio"]:
+            f, nv = r["fast"], r["naive"]
+            lines.append(
+                f"| {r['tasks']} | {f['iteration_s']:.3f} | {nv['iteration_s']:.3f} | **{r['ratio']:.2f}** | "
+                f"<= {targets.get(r['tasks'], '-')} | {f['main_s']:.3f} / {f['adversary_s']:.3f} | "
+                f"{nv['main_s']:.3f} / {nv['adversary_s']:.3f} |"
+            )
+        lines.append("")
+    if "default" in result:
+        d = result["default"]
+        lines += [
+            f"## Default adversaries / the paper's, N = {d['tasks']} (fast path)",
+            "",
+            f"default {d['default']['iteration_s']:.3f} s, paper {d['paper']['iteration_s']:.3f} s: "
+            f"**{d['ratio']:.2f}** (target <= 1.5). "
+            f"Default adversary: {json.dumps(d['default_adversary'])}.",
+            "",
+        ]
+    if "layout" in result:
+        lines += [
+            "## Adversary parameters at 1 x 224 x 288 (D = 64,512)",
+            "",
+            "| N | paper, per pair | paper, per source | default, per pair | default, per source |",
+            "|---|---|---|---|---|",
+        ]
+        for r in result["layout"]:
+            lines.append(
+                f"| {r['tasks']} | {r['paper_pair'] / 1e6:.0f} M | {r['paper_source'] / 1e6:.0f} M | "
+                f"{r['default_pair'] / 1e6:.0f} M | {r['default_source'] / 1e6:.0f} M |"
+            )
+        lines.append("")
+    if "memory" in result:
+        lines += [
+            f"## Default settings at 1 x {result['memory_size'][0]} x {result['memory_size'][1]}, batch 50, CPU",
+            "",
+            "| N | peak MiB | s / iteration | adversary parameters |",
+            "|---|---|---|---|",
+        ]
+        for r in result["memory"]:
+            if "error" in r:
+                lines.append(f"| {r['tasks']} | failed: {r['error']} | | |")
+            else:
+                lines.append(
+                    f"| {r['tasks']} | {r['peak_mib']:.0f} | {r['s_per_iteration']:.2f} "
+                    f"| {r['adversary_parameters'] / 1e6:.1f} M |"
+                )
+        lines.append("")
+    if "main" in result:
+        m = result["main"]
+        lines += [
+            f"## Main step options (N = {m['tasks']}, 64 x 64, batch 50; seconds per main step)",
+            "",
+            "| option | s |",
+            "|---|---|",
+        ]
+        lines += [f"| {k} | {v:.3f} |" for k, v in m["variants"].items()]
+        lines += [f"| threads = {k} | {v:.3f} |" for k, v in m["threads"].items()]
+        lines.append("")
+    if "loader" in result:
+        lo = result["loader"]
+        lines += [
+            f"## Training feed from PNG files (csv_images, 224 x 288, {lo['images']} images), images / s",
+            "",
+            "| workers | images / s |",
+            "|---|---|",
+        ]
+        lines += [f"| {k.split('=')[1]} | {v:.0f} |" for k, v in lo.items() if k.startswith("workers=")]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", choices=sorted(GRIDS), default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shared", default="none", help="say what else ran on the machine, for the record")
+    parser.add_argument(
+        "--layout", default=None, help="adversary.layout for the memory section (default: library default)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.grid == "gpu" and torch.cuda.is_available() else "cpu")
-    grid = GRIDS[args.grid]
-    info = md.machine_info()
-    results = []
-    for size in grid["sizes"]:
-        for output in grid["outputs"]:
-            for features in grid["features"]:
-                for n in grid["tasks"]:
-                    for batch in grid["batch"]:
-                        for steps in grid["steps"]:
-                            point = {
-                                "tasks": n,
-                                "size": size,
-                                "batch": batch,
-                                "steps": steps,
-                                "features": features,
-                                "output": output,
-                            }
-                            r = run_point(point, device, grid["repeats"], grid["gate_steps"])
-                            results.append(r)
-                            print(
-                                f"N={n} {r['size']} {features} {output}: stacked {r['stacked']['iteration_s']:.3f} s, "
-                                f"separate {r['separate']['iteration_s']:.3f} s, ratio {r['ratio']:.2f}",
-                                flush=True,
-                            )
+    args.size, args.tasks, args.repeats, args.gate_steps = (64, 64), [2, 4, 8], 5, 20
+    args.memory_size, args.memory_tasks, args.memory_iterations = (224, 288), [2, 4, 8], 3
+    args.workers, args.loader_images = [0, 1, 2], 300
+    if args.quick:
+        args.size, args.tasks, args.repeats, args.gate_steps = (32, 32), [2, 3], 1, 3
+        args.memory_size, args.memory_tasks, args.memory_iterations = (32, 32), [2], 2
+        args.workers, args.loader_images = [0, 1], 60
+    result: dict[str, Any] = {"machine": md.machine_info(), "shared": args.shared, "quick": args.quick}
+    sections = {
+        "gates": gates,
+        "ratio": ratio,
+        "default": default,
+        "layout": layout,
+        "memory": memory,
+        "main": main_step,
+        "loader": loader,
+    }
+    for name in SECTIONS:
+        if name in args.only:
+            t0 = time.perf_counter()
+            result[name] = sections[name](args)
+            result.setdefault("seconds", {})[name] = time.perf_counter() - t0
+    result["memory_size"] = list(args.memory_size)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"speed_{args.grid}"
-    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "results": results}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(results, info, args.grid))
-    written = [".json", ".md"] + ([".png"] if plot(results, stem.with_suffix(".png")) else [])
-    print(f"wrote {stem}{'/'.join(written)}")
+    stem = args.out / ("speed_quick" if args.quick else "speed")
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {stem}.json and {stem}.md")
 
 
 if __name__ == "__main__":

@@ -135,38 +135,53 @@ class StackedHeads(nn.Module):
         self.act = make_activation(spec.activation)
         self.momentum, self.eps = 0.1, 1e-5
 
+    def _block(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """What follows hidden layer ``layer``'s matrix product: bias, BatchNorm, activation, dropout."""
+        g, b, h = x.shape
+        if self.has_bias:
+            x = x + self.biases[layer][:, None, :]
+        if self.spec.batchnorm:
+            flat = x.transpose(0, 1).reshape(b, g * h)  # (B, G*H): G*H channels = G BatchNorms
+            rm, rv = getattr(self, f"running_mean_{layer}"), getattr(self, f"running_var_{layer}")
+            flat = F.batch_norm(
+                flat,
+                rm.view(-1),
+                rv.view(-1),
+                self.bn_weights[layer].reshape(-1),
+                self.bn_biases[layer].reshape(-1),
+                self.training,
+                self.momentum,
+                self.eps,
+            )
+            if self.training:
+                getattr(self, f"num_batches_tracked_{layer}").add_(1)
+            x = flat.view(b, g, h).transpose(0, 1)  # (G, B, H)
+        x = self.act(x)
+        if self.spec.dropout > 0:
+            x = F.dropout(x, self.spec.dropout, self.training)
+        return x
+
     def penultimate(self, x: torch.Tensor) -> torch.Tensor:
         """(G, B, D) -> (G, B, H) output of the last hidden block."""
-        g, b, _ = x.shape
         for layer in range(len(self.spec.hidden)):
-            x = torch.bmm(x, self.weights[layer])  # (G, B, H)
-            if self.has_bias:
-                x = x + self.biases[layer][:, None, :]
-            if self.spec.batchnorm:
-                h = x.shape[-1]
-                flat = x.transpose(0, 1).reshape(b, g * h)  # (B, G*H): G*H channels = G BatchNorms
-                rm, rv = getattr(self, f"running_mean_{layer}"), getattr(self, f"running_var_{layer}")
-                flat = F.batch_norm(
-                    flat,
-                    rm.view(-1),
-                    rv.view(-1),
-                    self.bn_weights[layer].reshape(-1),
-                    self.bn_biases[layer].reshape(-1),
-                    self.training,
-                    self.momentum,
-                    self.eps,
-                )
-                if self.training:
-                    getattr(self, f"num_batches_tracked_{layer}").add_(1)
-                x = flat.view(b, g, h).transpose(0, 1)  # (G, B, H)
-            x = self.act(x)
-            if self.spec.dropout > 0:
-                x = F.dropout(x, self.spec.dropout, self.training)
+            x = self._block(layer, torch.bmm(x, self.weights[layer]))  # (G, B, H)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(G, B, D) -> (G, B, K_max) logits, ``-inf`` past each head's classes."""
-        h = self.penultimate(x)
+        return self._logits(self.penultimate(x))
+
+    def forward_from_first(self, a: torch.Tensor) -> torch.Tensor:
+        """The logits given the first hidden layer's product ``a = x @ weights[0]`` (G, B, H).
+
+        The rest of the heads, for the exact reused-feature steps, which compute ``a`` without the (B, D) inputs.
+        """
+        x = self._block(0, a)
+        for layer in range(1, len(self.spec.hidden)):
+            x = self._block(layer, torch.bmm(x, self.weights[layer]))
+        return self._logits(x)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = torch.baddbmm(self.out_bias[:, None, :], h, self.out_weight)  # (G, B, K_max)
         return logits.masked_fill(self.padding[:, None, :], float("-inf"))
 

@@ -18,6 +18,18 @@ from ._torch import eval_mode
 __all__ = ["MultiTaskModel", "ModelOutput", "build_model", "build_backbone"]
 
 
+class AdversaryHead(NamedTuple):
+    """One adversary network.
+
+    With ``adversary.layout="pair"`` there is one per pair (and ensemble member); with ``"source"`` one per source
+    task (and member) whose output holds the logits of every target it predicts.
+    """
+
+    name: str
+    source: str
+    member: int
+
+
 class ModelOutput(NamedTuple):
     """What one forward pass gives training.
 
@@ -68,6 +80,10 @@ class MultiTaskModel(nn.Module):
         input_shape: ``(C, H, W)``; defaults to ``experiment.input_shape``.
     """
 
+    _pair_head: torch.Tensor  # (P,) the network of each pair (adversary.layout="source")
+    _pair_cols: torch.Tensor  # (P, K_max) its logits' columns in that network's output
+    _pair_pad: torch.Tensor  # (P, K_max) True past the pair's classes
+
     def __init__(self, experiment: Experiment, input_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__()
         shape = input_shape or experiment.input_shape
@@ -96,26 +112,48 @@ class MultiTaskModel(nn.Module):
             classifiers[task.name] = MLPHead(sizes[key], task.n_classes, experiment.head_for(task.name))
         self.conditional = experiment.adversary.conditional
         extra = {t.name: t.n_classes if self.conditional else 0 for t in experiment.tasks}  # one-hot own label
+        self.pair_classes = [experiment.task(p.target).n_classes for p in self.pairs]
+        # the adversary networks and, per pair, (network, first logit, classes): where its logits are
+        self.adversary_heads: list[AdversaryHead] = []
+        slots: list[tuple[int, int, int]] = []
+        outputs: dict[str, int] = {}
+        for p, k in zip(self.pairs, self.pair_classes, strict=True):
+            if experiment.adversary.layout == "pair":
+                name = p.key
+            else:  # one network per source (and member) predicting every target of that source
+                name = f"{p.source}->*" if p.member == 0 else f"{p.source}->*#{p.member}"
+            if name not in outputs:
+                outputs[name] = 0
+                self.adversary_heads.append(AdversaryHead(name, p.source, p.member))
+            slots.append(([h.name for h in self.adversary_heads].index(name), outputs[name], k))
+            outputs[name] += k
         adversaries = {
-            p.key: MLPHead(
-                self.feature_sizes[p.source] + extra[p.source],
-                experiment.task(p.target).n_classes,
-                experiment.adversary.head,
-            )
-            for p in self.pairs
+            h.name: MLPHead(self.feature_sizes[h.source] + extra[h.source], outputs[h.name], experiment.adversary.head)
+            for h in self.adversary_heads
         }
         stacked = experiment.execution.heads in {"auto", "stacked"}
         self.classifiers = HeadGroup(classifiers, {t: experiment.head_for(t) for t in classifiers}, stacked)
         self.adversaries = HeadGroup(adversaries, dict.fromkeys(adversaries, experiment.adversary.head), stacked)
-        self.pair_classes = [experiment.task(p.target).n_classes for p in self.pairs]
+        self._pair_slots = slots
+        self._shared = experiment.adversary.layout == "source"
+        if self._shared and self.pairs:  # gather indices from (G, B, sum K) network logits to (P, B, K_max)
+            k_max = max(self.pair_classes)
+            cols = torch.tensor([[o + min(c, k - 1) for c in range(k_max)] for _, o, k in slots])  # (P, K_max)
+            self.register_buffer("_pair_head", torch.tensor([h for h, _, _ in slots]), persistent=False)
+            self.register_buffer("_pair_cols", cols, persistent=False)
+            pad = torch.arange(k_max)[None, :] >= torch.tensor(self.pair_classes)[:, None]
+            self.register_buffer("_pair_pad", pad, persistent=False)  # (P, K_max)
 
     # -- access --------------------------------------------------------------------------------------
-    def adversary(self, source: str, target: str) -> nn.Module:
-        """The adversary predicting ``target`` from ``source``'s features."""
-        key = f"{source}->{target}"
-        if key not in self.adversaries:
-            raise ComponentError(f"no adversary {key!r}. {did_you_mean(key, list(self.adversaries.keys()))}")
-        return self.adversaries[key]
+    def adversary(self, source: str, target: str, member: int = 0) -> nn.Module:
+        """The adversary predicting ``target`` from ``source``'s features: ``(B, D[+K]) -> (B, classes)``."""
+        key = f"{source}->{target}" if member == 0 else f"{source}->{target}#{member}"
+        keys = [p.key for p in self.pairs]
+        if key not in keys:
+            raise ComponentError(f"no adversary {key!r}. {did_you_mean(key, keys)}")
+        head, offset, k = self._pair_slots[keys.index(key)]
+        module = self.adversaries[self.adversary_heads[head].name]
+        return module if not self._shared else _Slice(module, offset, k)
 
     def main_parameters(self) -> list[nn.Parameter]:
         """Parameters of the encoders and classifiers (what the main step optimises)."""
@@ -163,28 +201,28 @@ class MultiTaskModel(nn.Module):
     def adversary_inputs(
         self, features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor] | None = None
     ) -> list[torch.Tensor]:
-        """What each adversary reads, in ``self.pairs`` order: P tensors (B, D_source).
+        """What each adversary network reads, in ``self.adversary_heads`` order: G tensors (B, D_source).
 
         With conditional adversaries (``adversary.conditional``) the source task's one-hot label is appended,
         (B, D + K_source), zeros where the label is -1.
         """
         if not self.conditional:
-            return [features[p.source] for p in self.pairs]
+            return [features[h.source] for h in self.adversary_heads]
         if labels is None:
             raise MtdisentError(
                 "conditional adversaries (adversary.conditional=true) read each source task's label: pass labels"
             )
         onehot = {}
-        for t in {p.source for p in self.pairs}:
+        for t in {h.source for h in self.adversary_heads}:
             y = labels[t]
             k = self.experiment.task(t).n_classes
             onehot[t] = F.one_hot(y.clamp(min=0), k).to(features[t].dtype) * (y >= 0)[:, None]  # (B, K)
-        return [torch.cat([features[p.source], onehot[p.source]], dim=1) for p in self.pairs]
+        return [torch.cat([features[h.source], onehot[h.source]], dim=1) for h in self.adversary_heads]
 
     def stack_adversary_inputs(
         self, features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor | None:
-        """(P, B, D) inputs of every adversary (see :meth:`adversary_inputs`) when all share D (else ``None``)."""
+        """(G, B, D) inputs of every adversary network (:meth:`adversary_inputs`) when all share D (else ``None``)."""
         if not self.pairs:
             return None
         inputs = self.adversary_inputs(features, labels)
@@ -203,12 +241,28 @@ class MultiTaskModel(nn.Module):
 
         ``features`` may also be the output of :meth:`stack_adversary_inputs`. Pair p's logits past its
         target's classes are ``-inf``. ``transform(x, w)`` (an objective's ``adversary_input``) is applied to
-        the (P, B, D) stacked inputs with ``weights`` (P,) reshaped to (P, 1, 1) first. ``labels``
-        (``{task: (B,)}``) condition conditional adversaries.
+        the (P, B, D) stacked inputs with ``weights`` (P,) reshaped to (P, 1, 1) first (pair layout only: with
+        ``adversary.layout="source"`` a network serves several pairs). ``labels`` (``{task: (B,)}``) condition
+        conditional adversaries.
         """
-        if isinstance(features, torch.Tensor):
-            return self.adversaries.run_padded(features, transform, weights)
-        return self.adversaries.run_padded(self.adversary_inputs(features, labels), transform, weights)
+        inputs = features if isinstance(features, torch.Tensor) else self.adversary_inputs(features, labels)
+        if not self._shared:
+            return self.adversaries.run_padded(inputs, transform, weights)
+        if transform is not None:
+            raise MtdisentError(
+                "adversary.layout='source': one adversary network serves several pairs, so an objective that "
+                "transforms the adversaries' inputs per pair (gradient_reversal) needs adversary.layout='pair'"
+            )
+        return self.pair_logits(self.adversaries.run_padded(inputs))
+
+    def pair_logits(self, head_logits: torch.Tensor) -> torch.Tensor:
+        """(G, B, K_head) logits of the adversary networks -> (P, B, K_max) per pair, ``-inf`` past its classes."""
+        if not self._shared:
+            return head_logits
+        g, b, _ = head_logits.shape
+        rows = head_logits[self._pair_head]  # (P, B, K_head)
+        cols = self._pair_cols[:, None, :].expand(-1, b, -1)  # (P, B, K_max)
+        return torch.gather(rows, 2, cols).masked_fill(self._pair_pad[:, None, :], float("-inf"))
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         """(B, C, H, W) -> features, classifier logits and adversary logits."""
@@ -245,6 +299,20 @@ class MultiTaskModel(nn.Module):
     def penultimate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{task: (B, H)}`` the classifiers' last hidden layer (the embedding the paper plots), in eval mode."""
         return self._inference(lambda t: self.classifiers.penultimate(self.encode(t)), x)
+
+
+class _Slice(nn.Module):
+    """The logits of one target from a network that predicts several (``adversary.layout="source"``)."""
+
+    def __init__(self, module: nn.Module, offset: int, k: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "_module", module)  # a view: the weights belong to the adversaries
+        self.offset, self.num_classes = offset, k
+        self.in_features = getattr(module, "in_features", None)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, classes)."""
+        return self._module(z)[:, self.offset : self.offset + self.num_classes]  # type: ignore[operator]
 
 
 def build_model(experiment: Experiment, input_shape: tuple[int, int, int] | None = None) -> MultiTaskModel:

@@ -392,6 +392,10 @@ class AdversarySpec(SpecModel):
             (equalised-odds style). With correlated factors (circles only on white) an adversary reading the
             background from perfect shape features succeeds through the shape alone; a conditional one does
             not, so the encoders are not pushed to forget their own task.
+        layout: ``"pair"``: one adversary network per ordered pair (i, j) (the paper's N (N - 1)); ``"source"``:
+            one network per source task i whose output layer predicts every other task j at once, so the
+            adversaries' parameters and cost grow linearly in N (their first layer, D x hidden, dominates). With
+            two tasks both are the same network.
     """
 
     objective: Component = Field(default_factory=lambda: Component(name="minmax"))
@@ -404,6 +408,7 @@ class AdversarySpec(SpecModel):
     ensemble: int = Field(default=3, ge=1, le=32)
     reinit_every: int = Field(default=100, ge=0)
     conditional: bool = True
+    layout: Literal["pair", "source"] = "pair"
 
 
 class OptimizerSpec(SpecModel):
@@ -424,9 +429,14 @@ class ExecutionSpec(SpecModel):
         heads: ``"stacked"`` runs same-shaped classifiers and adversaries as stacked weights with batched
             matrix products; ``"separate"`` runs one module per head (the reference path); ``"auto"``
             stacks (faster in every measured configuration, see benchmarks/).
+        adversary_steps: How the k adversary steps on reused features run. ``"gram"``: the first layer's
+            updates through the (B, B) Gram matrix of the inputs, exact for SGD with momentum (four large
+            products per iteration instead of 2k; ``mtdisent/_engine/_gram.py``); ``"plain"``: k ordinary
+            steps; ``"auto"``: ``gram`` wherever it is exact.
     """
 
     heads: Literal["auto", "stacked", "separate"] = "auto"
+    adversary_steps: Literal["auto", "gram", "plain"] = "auto"
 
 
 class TrainingSpec(SpecModel):
@@ -442,6 +452,7 @@ class TrainingSpec(SpecModel):
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         amp: Mixed precision: ``"auto"`` (bf16 autocast on CUDA, off on CPU), ``"bf16"`` or ``"off"``.
         compile: Run the encoders through ``torch.compile``.
+        channels_last: Run the encoders in the channels-last memory format (NHWC).
         sync_batchnorm: Under torchrun on CUDA, BatchNorm statistics over the global batch (SyncBatchNorm).
         checkpoint_every: Write a checkpoint every this many iterations (and at the end).
         keep_last: Checkpoints kept besides the best one.
@@ -473,6 +484,7 @@ class TrainingSpec(SpecModel):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     amp: Literal["auto", "bf16", "off"] = "auto"
     compile: bool = False
+    channels_last: bool = False
     sync_batchnorm: bool = False
     checkpoint_every: int = Field(default=500, ge=1)
     keep_last: int = Field(default=2, ge=1)

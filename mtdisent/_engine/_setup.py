@@ -117,12 +117,16 @@ def prepare(
     autocast: Callable[[], Any] = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     )
+    memory_format = torch.channels_last if tr.channels_last else torch.contiguous_format
+    if tr.channels_last:
+        model.encoders.to(memory_format=memory_format)
     encoders: dict[str, Any] = dict(model.encoders.items())
     if tr.compile:
         encoders = {t: torch.compile(m) for t, m in encoders.items()}
     names = list(model.task_names)
 
     def encode(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x.contiguous(memory_format=memory_format)
         return {t: encoders[t](x) for t in names}  # {task: (B, D)}
 
     main_net: nn.Module = _MainNet(model, encode)

@@ -37,6 +37,7 @@ from .._model import MultiTaskModel
 from .._objectives import Objective
 from .._spec import Experiment
 from ._distributed import all_true
+from ._gram import gram_applicable, gram_steps
 from ._setup import Setup, build_optimizer
 from ._stream import TrainFeed
 
@@ -155,6 +156,21 @@ class AdversarialStep(Step):
             build_optimizer(tr.adversary_optimizer, self.adversary_params) if self.adversary_params else None
         )
         self._iteration = 0  # of the current update, for messages
+        overridden = type(objective).adversary_input is not Objective.adversary_input
+        self._transform = objective.adversary_input if overridden else None
+        if overridden and experiment.adversary.layout == "source":
+            raise SpecError(
+                f"adversary.layout: 'source' shares one adversary network between pairs, but objective "
+                f"{experiment.adversary.objective.name!r} transforms each pair's adversary input; use layout 'pair'"
+            )
+        # exact (B, B) algebra for the k steps on reused features, where it is exact (see _gram.py)
+        mode = experiment.execution.adversary_steps
+        self.gram = mode != "plain" and experiment.adversary.features == "reuse" and gram_applicable(self)
+        if mode == "gram" and not self.gram:
+            raise SpecError(
+                "execution.adversary_steps: 'gram' needs adversary.features='reuse', stacked heads with one "
+                "feature size and an SGD adversary optimiser without Nesterov or dampening; use 'auto'"
+            )
 
     # -- helpers -------------------------------------------------------------------------------------
     def _targets(self, y: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -231,7 +247,7 @@ class AdversarialStep(Step):
         targets, parts = self._targets(y), []  # (P, B), P-vectors of terms
         if self.objective.uses_adversaries:
             net = self.setup.adversaries if single else self.setup.adversaries_plain  # no sync for frozen ones
-            adv_logits = net(feats, self.objective.adversary_input, weights, y)  # (P, B, K_max)
+            adv_logits = net(feats, self._transform, weights, y)  # (P, B, K_max)
             parts.append(self.objective.encoder_terms(adv_logits, targets, weights, model.pair_classes))
         sources = [feats[p.source] for p in model.pairs]  # P x (B, D)
         own = torch.stack([y[p.source] for p in model.pairs])  # (P, B) the sources' own labels
@@ -267,11 +283,16 @@ class AdversarialStep(Step):
         if tr.l2 > 0:
             _add_l2_gradient(self.l2_adv, tr.l2)
         self.adversary_optimizer.step()
+        return self._adversary_accuracy(logits.detach(), targets)
+
+    def _adversary_accuracy(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """``{"adv_acc/<pair>": accuracy}`` of (P, B, K_max) logits on (P, B) targets (labelled samples only)."""
         labelled = targets >= 0
-        correct = ((logits.detach().argmax(-1) == targets) & labelled).sum(1)  # (P,)
+        correct = ((logits.argmax(-1) == targets) & labelled).sum(1)  # (P,)
         counts = labelled.sum(1)
         accuracy = (correct / counts.clamp(min=1)).tolist()
-        return {f"adv_acc/{p.key}": a for p, a, c in zip(model.pairs, accuracy, counts.tolist(), strict=True) if c}
+        pairs = self.model.pairs
+        return {f"adv_acc/{p.key}": a for p, a, c in zip(pairs, accuracy, counts.tolist(), strict=True) if c}
 
     def reinitialise_adversaries(self, iteration: int) -> int:
         """Fresh weights for one ensemble member of every pair (round robin) and a restarted adversary optimiser.
@@ -281,7 +302,7 @@ class AdversarialStep(Step):
         """
         adv = self.experiment.adversary
         member = (iteration // adv.reinit_every - 1) % adv.ensemble
-        names = [p.key for p in self.model.pairs if p.member == member]
+        names = [h.name for h in self.model.adversary_heads if h.member == member]
         self.model.adversaries.reinitialise(names, seed=self.experiment.seed * 1_000_003 + iteration)
         if self.adversary_optimizer is not None:
             self.adversary_optimizer.state.clear()  # momentum / Adam moments of the old weights do not fit the new
@@ -302,9 +323,13 @@ class AdversarialStep(Step):
             reuse = adv.features == "reuse"
             # reused features: stack the adversaries' inputs once for all k steps
             stacked = self.model.stack_adversary_inputs(feats, y) if reuse and adv.steps > 1 else None
-            inputs = stacked if stacked is not None else feats
-            for _ in range(adv.steps):
-                metrics.update(self.adversary_step(inputs if reuse else None, y if reuse else None))
+            if self.gram and adv.steps > 0:
+                heads = stacked if stacked is not None else self.model.adversary_inputs(feats, y)
+                metrics.update(gram_steps(self, heads, y, adv.steps))
+            else:
+                inputs = stacked if stacked is not None else feats
+                for _ in range(adv.steps):
+                    metrics.update(self.adversary_step(inputs if reuse else None, y if reuse else None))
         metrics.update({"time/main": t1 - t0, "time/adversary": time.perf_counter() - t1})
         return metrics
 

@@ -1,0 +1,149 @@
+"""Exact shortcut for the k adversary steps on reused features: the first layer through the Gram matrix.
+
+With ``adversary.features="reuse"`` the k adversary steps of an iteration read the same inputs: X (B, D) for each
+adversary network (stacked: X (G, B, D)). Under SGD with momentum mu, learning rate eta and a coefficient c on
+the weights (c = 2 * training.l2 + the optimiser's weight_decay), the first layer's weight W (D, H) and its
+momentum buffer m move only within span{W_0, m_0, rows of X}. With Delta_t = dL/d(X W_t) (B, H)::
+
+    m_{t+1} = mu m_t + X^T Delta_t + c W_t,        W_{t+1} = W_t - eta m_{t+1}
+
+and, multiplied by X, for A_t = X W_t and M_t = X m_t (B, H) and the Gram matrix K = X X^T (B, B)::
+
+    M_{t+1} = mu M_t + K Delta_t + c A_t,          A_{t+1} = A_t - eta M_{t+1}.
+
+So the k steps need only (B, B) and (B, H) products, and W and m are materialised once at the end as
+``a W_0 + b m_0 + X^T P`` and ``a' W_0 + b' m_0 + X^T Q`` (scalars a, b, a', b' and (B, H) matrices P, Q follow the
+same recursion). The large (B x D x H) products drop from 2k per iteration (a forward and a weight gradient per
+step) to four (A_0, M_0 and the two materialisations), and networks that read the same source share one K.
+The rest of each network (BatchNorm, further layers, output layer) is updated by the optimiser as usual.
+
+It is exact in exact arithmetic (floating-point sums are reordered; ``benchmarks/speed.py`` gates it against the
+plain path). It is not exact, so not used, for other optimisers (Adam's per-coordinate scaling leaves the row
+space), Nesterov momentum, dampening or ``maximize``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._heads import StackedHeads
+
+if TYPE_CHECKING:
+    from ._step import AdversarialStep
+
+__all__ = ["gram_applicable", "gram_steps"]
+
+
+def gram_applicable(step: AdversarialStep) -> bool:
+    """Whether the shortcut is exact for ``step``: stacked adversaries and plain SGD (with or without momentum)."""
+    opt = step.adversary_optimizer
+    if not isinstance(opt, torch.optim.SGD) or len(opt.param_groups) != 1 or not step.model.adversaries.stacked:
+        return False
+    group = opt.param_groups[0]
+    return not (group.get("nesterov") or group.get("dampening") or group.get("maximize"))
+
+
+class _Block:
+    """One stack of adversary networks (same input size) and the state of its first layer's recursion."""
+
+    def __init__(self, stack: StackedHeads, idx: list[int], x: torch.Tensor, sources: list[str], m0: Any) -> None:
+        self.stack, self.idx, self.x = stack, idx, x  # x: (G, B, D)
+        first = {s: sources.index(s) for s in dict.fromkeys(sources)}
+        gram = {s: x[i] @ x[i].t() for s, i in first.items()}  # (B, B) per source: K = X X^T
+        self.kk = torch.stack([gram[s] for s in sources])  # (G, B, B)
+        self.w, self.m0 = stack.weights[0], m0  # (G, D, H)
+        self.a_t = torch.bmm(x, self.w)  # (G, B, H): X W_0
+        self.m_t = torch.bmm(x, m0) if m0 is not None else torch.zeros_like(self.a_t)  # X m_0
+        self.p_t, self.q_t = torch.zeros_like(self.a_t), torch.zeros_like(self.a_t)
+        # W_t = a W_0 + b m_0 + X^T P_t and m_t = a2 W_0 + b2 m_0 + X^T Q_t
+        self.a, self.b, self.a2, self.b2 = 1.0, 0.0, 0.0, 1.0 if m0 is not None else 0.0
+        self.leaf = self.a_t
+
+    def update(self, delta: torch.Tensor, lr: float, mu: float, c: float) -> None:
+        """One step of the recursion given Delta = dL/dA (G, B, H)."""
+        self.m_t = mu * self.m_t + torch.bmm(self.kk, delta) + c * self.a_t
+        self.a_t = self.a_t - lr * self.m_t
+        self.q_t = mu * self.q_t + c * self.p_t + delta
+        self.a2, self.b2 = mu * self.a2 + c * self.a, mu * self.b2 + c * self.b
+        self.p_t = self.p_t - lr * self.q_t
+        self.a, self.b = self.a - lr * self.a2, self.b - lr * self.b2
+
+    def materialise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer's weights and momentum buffer after the steps: two (G, D, B) x (G, B, H) products."""
+        xt = self.x.transpose(1, 2)  # (G, D, B)
+        w = self.a * self.w + torch.bmm(xt, self.p_t)
+        m = self.a2 * self.w + torch.bmm(xt, self.q_t)
+        if self.m0 is not None:
+            w += self.b * self.m0
+            m += self.b2 * self.m0
+        return w, m
+
+
+def gram_steps(
+    step: AdversarialStep, inputs: Sequence[torch.Tensor] | torch.Tensor, y: dict[str, torch.Tensor], k: int
+) -> dict[str, float]:
+    """Run ``k`` adversary steps on fixed inputs exactly as ``k`` plain steps would.
+
+    Args:
+        step: The step whose adversaries train.
+        inputs: The adversary networks' inputs, G tensors (B, D_g) or one stacked (G, B, D).
+        y: The batch's labels.
+        k: Steps.
+
+    Returns:
+        The last step's adversary accuracies, as the plain steps report them.
+    """
+    from ._step import _add_l2_gradient  # the same L2 gradient as the plain path
+
+    model, opt, tr = step.model, step.adversary_optimizer, step.experiment.training
+    assert opt is not None
+    heads = model.adversaries
+    group = opt.param_groups[0]
+    lr, mu = float(group["lr"]), float(group["momentum"])
+    c = 2.0 * tr.l2 + float(group["weight_decay"])
+    targets = step._targets(y)  # (P, B)
+    order = {n: i for i, n in enumerate(heads.names)}
+    sources = [h.source for h in model.adversary_heads]
+    with torch.no_grad():
+        blocks = []
+        for stack, members in zip(heads._stacks, heads.members, strict=True):
+            idx = [order[n] for n in members]
+            x = inputs[idx] if isinstance(inputs, torch.Tensor) else torch.stack([inputs[i] for i in idx])
+            m0 = opt.state.get(stack.weights[0], {}).get("momentum_buffer")
+            blocks.append(_Block(stack, idx, x.float(), [sources[i] for i in idx], m0))
+    first_layers = {id(blk.w) for blk in blocks}
+    others = [p for p in step.l2_adv if id(p) not in first_layers]
+    b = targets.shape[1]
+    k_max = max(max(blk.stack.num_classes) for blk in blocks)
+    metrics: dict[str, float] = {}
+    for _ in range(k):
+        out = targets.new_full((len(heads.names), b, k_max), float("-inf"), dtype=torch.float32)
+        for blk in blocks:
+            blk.leaf = blk.a_t.detach().requires_grad_(True)
+            logits = blk.stack.forward_from_first(blk.leaf)  # (G_s, B, K_s)
+            out[blk.idx, :, : logits.shape[-1]] = logits.float()
+        pair = model.pair_logits(out)  # (P, B, K_max)
+        pair_losses = step.objective.adversary_loss(pair, targets)  # (P,)
+        step._check_finite({"adversaries": pair_losses.sum()}, "adversary", pair_losses)
+        opt.zero_grad(set_to_none=True)
+        pair_losses.sum().backward()
+        for blk in blocks:
+            blk.w.grad = None  # moved below, exactly; the optimiser skips a parameter without gradient
+        if tr.l2 > 0:
+            _add_l2_gradient(others, tr.l2)
+        opt.step()
+        with torch.no_grad():
+            for blk in blocks:
+                assert blk.leaf.grad is not None
+                blk.update(blk.leaf.grad, lr, mu, c)
+        metrics = step._adversary_accuracy(pair.detach(), targets)
+    with torch.no_grad():
+        for blk in blocks:
+            w, m = blk.materialise()
+            blk.w.copy_(w)
+            if mu != 0:  # SGD keeps a buffer only with momentum
+                opt.state[blk.w]["momentum_buffer"] = m
+    return metrics

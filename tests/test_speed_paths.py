@@ -1,0 +1,142 @@
+"""Faster paths compute the same thing: the Gram shortcut for reused features, the per-source adversary layout,
+channels-last encoders."""
+
+import pytest
+import torch
+from conftest import ToyDataset, iterate, toy_experiment
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mtdisent as md
+from mtdisent.engine import build_loop
+
+FLAT = {"name": "dltk_residual", "args": {"filters": [4, 8], "strides": [1, 2], "output": "flatten"}}  # D = 512
+
+
+def loops(adversary=None, training=None, modes=("gram", "plain"), heads="auto"):
+    out = []
+    for mode in modes:
+        e = toy_experiment(
+            backbone=FLAT,
+            adversary={"features": "reuse", "steps": 4, **(adversary or {})},
+            training={"l2": 1e-3, **(training or {})},
+            execution={"adversary_steps": mode, "heads": heads},
+        )
+        out.append(build_loop(e, {"train": ToyDataset(), "val": ToyDataset(40, seed=1)}))
+    return out
+
+
+def assert_same_training(a, b, iterations, rtol=1e-4):
+    for i in range(iterations):
+        ma, mb = iterate(a), iterate(b)
+        for key in ("loss/main", *[k for k in mb if k.startswith(("acc/", "adv_acc/"))]):
+            assert ma[key] == pytest.approx(mb[key], rel=rtol, abs=1e-5), (i, key)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    for k in sa:
+        scale = float(sb[k].float().abs().max()) + 1e-6
+        assert float((sa[k].float() - sb[k].float()).abs().max()) <= 1e-4 * scale, k
+    oa, ob = a.step.adversary_optimizer.state, b.step.adversary_optimizer.state
+    for pa, pb in zip(a.step.adversary_params, b.step.adversary_params, strict=True):
+        ma, mb = oa.get(pa, {}).get("momentum_buffer"), ob.get(pb, {}).get("momentum_buffer")
+        assert (ma is None) == (mb is None)
+        if ma is not None:
+            assert torch.allclose(ma, mb, rtol=1e-3, atol=1e-5 * (float(mb.abs().max()) + 1e-6))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    momentum=st.sampled_from([0.0, 0.9]),
+    weight_decay=st.sampled_from([0.0, 1e-3]),
+    conditional=st.booleans(),
+    ensemble=st.integers(1, 2),
+    layout=st.sampled_from(["pair", "source"]),
+)
+def test_gram_steps_equal_plain_steps(momentum, weight_decay, conditional, ensemble, layout):
+    # reinit every 3 iterations clears the momentum buffers mid-run; conditional inputs differ in size per
+    # source (2 vs 3 classes), so the adversaries form two stacks
+    adversary = {"conditional": conditional, "ensemble": ensemble, "reinit_every": 3, "layout": layout}
+    sgd = {"name": "sgd", "lr": 0.05, "momentum": momentum, "weight_decay": weight_decay}
+    gram, plain = loops(adversary, {"adversary_optimizer": sgd})
+    assert gram.step.gram and not plain.step.gram
+    assert_same_training(gram, plain, 5)
+
+
+def test_twenty_iterations_of_the_paper_like_setting_agree():
+    gram, plain = loops({"ensemble": 1, "conditional": False, "reinit_every": 0, "steps": 5})
+    assert_same_training(gram, plain, 20)
+
+
+def test_gram_is_used_only_where_it_is_exact():
+    adam = {"adversary_optimizer": {"name": "adam", "lr": 1e-3}}
+    (auto,) = loops(training=adam, modes=("auto",))
+    assert not auto.step.gram  # Adam's per-coordinate scaling leaves the row space: plain steps
+    (fresh,) = loops({"features": "fresh"}, modes=("auto",))
+    assert not fresh.step.gram
+    with pytest.raises(md.SpecError, match="execution.adversary_steps: 'gram' needs"):
+        loops(training=adam, modes=("gram",))
+    (separate,) = loops(modes=("auto",), heads="separate")
+    assert not separate.step.gram
+
+
+def test_two_tasks_source_layout_is_the_pair_layout_renamed():
+    pair, source = (loops({"layout": layout}, modes=("auto",))[0] for layout in ("pair", "source"))
+    renamed = {
+        k.replace("->*", "->b" if k.startswith("adversaries.a") else "->a"): v
+        for k, v in source.model.state_dict().items()
+    }
+    assert renamed.keys() == pair.model.state_dict().keys()
+    for _ in range(3):
+        assert iterate(pair)["loss/main"] == iterate(source)["loss/main"]
+
+
+def experiment_n(n, layout, ensemble=2):
+    return md.Experiment(
+        tasks=[{"name": f"t{i}", "num_classes": 2 + i % 2} for i in range(n)],
+        backbone=FLAT,
+        input_shape=(1, 16, 16),
+        head={"hidden": [8]},
+        adversary={"head": {"hidden": [8]}, "layout": layout, "ensemble": ensemble},
+        pairs=[{"source": "t0", "target": "t1", "enabled": False}],
+    )
+
+
+def test_source_layout_grows_linearly_and_predicts_each_target_from_its_slice():
+    counts = {}
+    for n in (3, 4, 6):
+        for layout in ("pair", "source"):
+            counts[(n, layout)] = sum(p.numel() for p in md.build_model(experiment_n(n, layout)).adversary_parameters())
+    first_layer = 2 * (512 + 3) * 8  # two members' first layers dominate each network
+    assert (
+        counts[(6, "source")] - counts[(4, "source")]
+        < 2 * (counts[(4, "source")] - counts[(3, "source")]) + first_layer
+    )
+    assert counts[(6, "pair")] > 2 * counts[(6, "source")]
+    model = md.build_model(experiment_n(4, "source"))
+    assert [h.name for h in model.adversary_heads][:3] == ["t0->*", "t0->*#1", "t1->*"]
+    model.eval()
+    feats = {f"t{i}": torch.randn(5, 512) for i in range(4)}
+    labels = {f"t{i}": torch.randint(0, 2, (5,)) for i in range(4)}
+    logits = model.adversary_logits(feats, labels=labels)  # (P, B, K_max)
+    for p, pair in enumerate(model.pairs):
+        k = model.pair_classes[p]
+        z = model.adversary_inputs(feats, labels)[
+            [h.name for h in model.adversary_heads].index(
+                f"{pair.source}->*" + (f"#{pair.member}" if pair.member else "")
+            )
+        ]
+        direct = model.adversary(pair.source, pair.target, pair.member)(z)
+        assert torch.allclose(logits[p, :, :k], direct, atol=1e-6), pair
+        assert torch.isinf(logits[p, :, k:]).all()
+    assert "t0->t1" not in [p.key for p in model.pairs]  # a switched-off pair has no output
+
+
+def test_source_layout_refuses_per_pair_input_transforms():
+    e = toy_experiment(adversary={"objective": "gradient_reversal", "layout": "source"})
+    with pytest.raises(md.SpecError, match="layout: 'source' shares one adversary network.*'gradient_reversal'"):
+        md.train(e, data=ToyDataset(), quiet=True)
+
+
+def test_channels_last_encoders_compute_the_same():
+    a, b = (build_loop(toy_experiment(training={"channels_last": cl}), {"train": ToyDataset()}) for cl in (False, True))
+    for _ in range(3):
+        assert iterate(a)["loss/main"] == pytest.approx(iterate(b)["loss/main"], rel=1e-5)
