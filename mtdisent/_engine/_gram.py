@@ -61,6 +61,7 @@ class _Block:
         # W_t = a W_0 + b m_0 + X^T P_t and m_t = a2 W_0 + b2 m_0 + X^T Q_t
         self.a, self.b, self.a2, self.b2 = 1.0, 0.0, 0.0, 1.0 if m0 is not None else 0.0
         self.leaf = self.a_t
+        self.new_momentum: torch.Tensor | None = None
 
     def update(self, delta: torch.Tensor, lr: float, mu: float, c: float) -> None:
         """One step of the recursion given Delta = dL/dA (G, B, H)."""
@@ -71,15 +72,19 @@ class _Block:
         self.p_t = self.p_t - lr * self.q_t
         self.a, self.b = self.a - lr * self.a2, self.b - lr * self.b2
 
-    def materialise(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first layer's weights and momentum buffer after the steps: two (G, D, B) x (G, B, H) products."""
+    def materialise(self, momentum: bool) -> None:
+        """Write the first layer's weights (and momentum buffer) after the steps, in place.
+
+        Two batched (G, D, B) x (G, B, H) products fused with the scaled old tensors (no (G, D, H) temporaries).
+        """
         xt = self.x.transpose(1, 2)  # (G, D, B)
-        w = self.a * self.w + torch.bmm(xt, self.p_t)
-        m = self.a2 * self.w + torch.bmm(xt, self.q_t)
+        m = torch.baddbmm(self.w, xt, self.q_t, beta=self.a2) if momentum else None  # a2 W_0 + X^T Q
+        if m is not None and self.m0 is not None:
+            m.add_(self.m0, alpha=self.b2)
+        self.w.baddbmm_(xt, self.p_t, beta=self.a)  # W <- a W_0 + X^T P
         if self.m0 is not None:
-            w += self.b * self.m0
-            m += self.b2 * self.m0
-        return w, m
+            self.w.add_(self.m0, alpha=self.b)
+        self.new_momentum = m
 
 
 def gram_steps(
@@ -142,8 +147,7 @@ def gram_steps(
         metrics = step._adversary_accuracy(pair.detach(), targets)
     with torch.no_grad():
         for blk in blocks:
-            w, m = blk.materialise()
-            blk.w.copy_(w)
-            if mu != 0:  # SGD keeps a buffer only with momentum
-                opt.state[blk.w]["momentum_buffer"] = m
+            blk.materialise(momentum=mu != 0)  # SGD keeps a buffer only with momentum
+            if blk.new_momentum is not None:
+                opt.state[blk.w]["momentum_buffer"] = blk.new_momentum
     return metrics
