@@ -1,29 +1,32 @@
 # Two commands for a fresh machine: `make demo` (the main job) and `make test` (the test suite).
-# Each creates .venv and installs mtdisent with what it needs on first use.
+# Each creates .venv and installs mtdisent with what it needs on first use: the demo only the package and
+# matplotlib for its figures, the tests also pytest, hypothesis and MONAI; ruff and mypy only for lint/typecheck.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck check clean
 
-$(STAMP): pyproject.toml
+$(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $@
 
-demo: $(STAMP)
+$(VENV)/.installed-%: pyproject.toml $(VENV)/.created
+	$(PY) -m pip install --quiet -e '.[$*]'
+	touch $@
+
+demo: $(VENV)/.installed-plots
 	$(VENV)/bin/mtdisent demo
 
-test: $(STAMP)
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
-lint: $(STAMP)
+lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check mtdisent plugins tests examples benchmarks
 	$(VENV)/bin/ruff format --check mtdisent plugins
 
-typecheck: $(STAMP)
+typecheck: $(VENV)/.installed-dev
 	$(VENV)/bin/mypy
 
 check: lint typecheck test

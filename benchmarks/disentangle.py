@@ -1,23 +1,26 @@
-"""Does the disentanglement hold? Objectives x seeds on ``shapes``: seen and unseen accuracy, leakage by probes.
+"""Does the disentanglement hold? Methods x workloads x seeds: seen and unseen accuracy, leakage by fresh probes.
 
-    python benchmarks/disentangle.py                    # CPU: scale 1/8, 600 iterations, 5 seeds, 8 methods
-    python benchmarks/disentangle.py --methods minmax hsic --seeds 0 1 --iterations 300
-    python benchmarks/disentangle.py --scale 0.25 --iterations 2000 --device cuda
+    python benchmarks/disentangle.py --workloads shapes --methods lambda0 paper default --seeds 0 1 2
+    python benchmarks/disentangle.py --workloads shapes shapes_n fetal --append     # fill in what is missing
+    python benchmarks/disentangle.py --quick --out /tmp/study                       # a smoke run
 
-Each method is a set of overrides of one base experiment (the paper's synthetic setting at ``--scale``, Adam
-1e-4 for both optimisers, 5 adversary steps on reused features, batch 50). For every method and seed the
-script trains, evaluates the final model on ``test`` and ``unseen`` (circle on black, never in training) and
-records: seen-test accuracy per task, unseen shape accuracy, the trained adversaries' accuracy and the
-fresh-probe leakage between the two tasks (linear and MLP probes trained on the training split, scored on
-test, normalised: 0 at the majority rate, 1 when perfect). Targets (issue 8): unseen >= 0.9 in every seed,
-normalised leakage <= 0.2, seen accuracy >= 0.97.
+Workloads (each a base experiment; a method is a set of overrides of it):
 
-A note on the leakage numbers: training is correlated (circles only on white), so a probe trained on the
-training split reads the background from *perfect shape-only* features at 0.92 there; on the balanced test
-split the same features score exactly the majority rate (normalised 0). Normalised test leakage above 0 is
-therefore information beyond the shape.
+* ``shapes``: the paper's synthetic experiment at 1/4 scale (56 x 72); training never shows a circle on
+  black; unseen = shape accuracy on circles on black; nuisance pair shape -> background.
+* ``shapes_n``: ``shapes_n`` with N = 4 binary factors at 32 x 32, correlation 0.5; training never shows an
+  ellipse on a dark background; unseen = shape accuracy there; nuisance pairs shape -> each other factor.
+* ``fetal``: ``fetal_us_sim`` with the paper's Table 1 counts at 64 x 80 (see ``examples/fetal_us.py``);
+  training never shows LVOT with a shadow; unseen = plane accuracy on ``lvot_with_shadow``; nuisance pair
+  plane -> shadow.
 
-Writes ``results.json``, ``results.md`` and ``results.png`` to ``--out`` (default benchmarks/results/disentangle).
+Every method and seed trains, is evaluated (final model) on the seen ``test`` split (fresh linear and MLP
+probes fitted on ``train``, conditional and unconditional) and on the unseen split, and records: seen accuracy
+per task, unseen accuracy, the leakage of the nuisance from the main task's features (normalised: 0 at the
+(within-class) majority rate, 1 perfect), the trained adversaries' accuracy and the training time. Results are
+written after every run (``--append`` continues a study; settings must match).
+
+Writes ``results.json``, ``results.md`` and ``results.png`` to ``--out`` (default benchmarks/results/study).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,161 +36,190 @@ from typing import Any
 import mtdisent as md
 from mtdisent.evaluation import format_mean_std
 
-# name -> (description, overrides merged into the spec dict)
+# name -> (description, overrides merged into the workload's base spec)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "lambda0": ("no adversary (lambda = 0): the plain multi-task baseline", {"adversary": {"weight": 0.0}}),
-    "minmax": ("the paper: min-max adversaries, lambda = 0.01", {"adversary": {"weight": 0.01}}),
-    "minmax_strong": ("min-max adversaries, lambda = 0.1", {"adversary": {"weight": 0.1}}),
-    "minmax_ensemble": (
-        "min-max, 3 adversaries per pair, one re-initialised every 100 iterations",
-        {"adversary": {"weight": 0.01, "ensemble": 3, "reinit_every": 100}},
+    "lambda0": ("no adversary term (lambda = 0); adversaries train as monitors", {"adversary": {"weight": 0.0}}),
+    "paper": (
+        "the paper: min-max, lambda = 0.01, one unconditional adversary per pair",
+        {"adversary": {"weight": 0.01, "ensemble": 1, "conditional": False, "reinit_every": 0}},
     ),
-    "conditional": (
-        "min-max, lambda = 0.1, conditional adversaries (they also see the source task's own label)",
-        {"adversary": {"weight": 0.1, "conditional": True}},
+    "default": ("the library default adversaries (see AdversarySpec)", {}),
+    "source": (
+        "the default with one adversary network per source task (adversary.layout='source')",
+        {"adversary": {"layout": "source"}},
     ),
-    "conditional_ensemble": (
-        "conditional min-max, lambda = 0.1, 3 adversaries per pair, one re-initialised every 100 iterations",
-        {"adversary": {"weight": 0.1, "conditional": True, "ensemble": 3, "reinit_every": 100}},
+    "strong": (
+        "the default with 10 adversary steps at learning rate 1e-3",
+        {"adversary": {"steps": 10}, "training": {"adversary_optimizer": {"lr": 1e-3}}},
     ),
-    "conditional_select": (
-        "conditional_ensemble, the checkpoint chosen every 100 iterations on validation data under leakage limit 0.2",
-        {
-            "adversary": {"weight": 0.1, "conditional": True, "ensemble": 3, "reinit_every": 100},
-            "training": {"leakage_limit": 0.2, "eval_every": 100},
-        },
+    "long": ("the default with twice the iterations", {"training": {"iterations": "x2"}}),
+    "erasure": ("the default plus the conditional erasure lever", {"levers": [{"name": "erasure"}]}),
+    "erasure_only": (
+        "lambda = 0 plus the conditional erasure lever",
+        {"adversary": {"weight": 0.0}, "levers": [{"name": "erasure"}]},
     ),
-    "conditional_warmup": (
-        "conditional_ensemble with lambda warmed up linearly over the first 200 iterations",
-        {
-            "adversary": {
-                "weight": 0.1,
-                "conditional": True,
-                "ensemble": 3,
-                "reinit_every": 100,
-                "schedule": "linear",
-                "warmup": 200,
-            }
-        },
+    "projection": (
+        "gradient projection (Zhang et al. 2018) instead of min-max",
+        {"adversary": {"objective": {"name": "projection"}}},
     ),
-    "conditional_pooled": (
-        "conditional_ensemble on a bottleneck: globally pooled encoder features (64) instead of flattened",
-        {
-            "adversary": {"weight": 0.1, "conditional": True, "ensemble": 3, "reinit_every": 100},
-            "backbone": {"args": {"output": "pool"}},
-        },
-    ),
-    "hsic": (
-        "conditional HSIC penalty alone (no adversary term), lambda = 1",
-        {"adversary": {"weight": 1.0, "objective": {"name": "hsic"}}},
-    ),
-    "hsic_strong": (
-        "conditional HSIC penalty alone, lambda = 10",
-        {"adversary": {"weight": 10.0, "objective": {"name": "hsic"}}},
-    ),
-    "hsic_marginal": (
-        "marginal HSIC penalty alone, lambda = 1",
-        {"adversary": {"weight": 1.0, "objective": {"name": "hsic", "args": {"conditional": False}}}},
-    ),
-    "hsic_confusion": (
-        "conditional HSIC (lambda = 1) plus confusion adversaries (lambda = 0.1 via hsic_weight 10)",
-        {
-            "adversary": {
-                "weight": 0.1,
-                "objective": {"name": "hsic", "args": {"adversary": "confusion", "hsic_weight": 10.0}},
-            }
-        },
+    "multiscale": ("the default with adversaries on every encoder scale", {"adversary": {"scales": "all"}}),
+    "recombine": ("the default plus image-space recombination", {"levers": [{"name": "recombine"}]}),
+    "recombine_only": (
+        "lambda = 0 plus image-space recombination",
+        {"adversary": {"weight": 0.0}, "levers": [{"name": "recombine"}]},
     ),
 }
 
-DEFAULT = [
-    "lambda0",
-    "minmax",
-    "minmax_strong",
-    "minmax_ensemble",
-    "conditional",
-    "conditional_ensemble",
-    "hsic",
-    "hsic_strong",
-]
+
+def shapes(seed: int, quick: bool) -> dict[str, Any]:
+    scale = 0.0625 if quick else 0.25
+    base = md.preset("paper_synthetic", scale=scale, data={"name": "shapes", "args": {"scale": scale, "seed": seed}})
+    spec = base.model_dump(mode="json")
+    spec["adversary"] = md.AdversarySpec(features="reuse").model_dump(mode="json")  # the library's, reused
+    spec["training"].update(
+        iterations=4 if quick else 600,
+        adversary_optimizer=md.OptimizerSpec(name="sgd", lr=1e-4).model_dump(mode="json"),  # the library's
+    )
+    spec["training"]["optimizer"]["lr"] = 1e-4  # the paper's Adam (betas 0, 0.9) at 10x its rate, for 600 steps
+    return spec
+
+
+def shapes_n(seed: int, quick: bool) -> dict[str, Any]:
+    args = {"num_tasks": 4, "image_size": [32, 32], "seed": seed, "correlation": 0.5}
+    source = md.datasets.get("shapes_n")(**args, n_train=16, n_eval=4)
+    return {
+        "tasks": [t.model_dump(mode="json") for t in source.tasks],
+        "input_shape": list(source.input_shape),
+        "data": {"name": "shapes_n", "args": args},
+        "backbone": {"name": "dltk_residual", "args": {"filters": [8, 16, 32], "output": "flatten"}},
+        "adversary": {"features": "reuse"},
+        "training": {"iterations": 4 if quick else 600, "optimizer": {"name": "adam", "lr": 1e-3}},
+    }
+
+
+def fetal(seed: int, quick: bool) -> dict[str, Any]:
+    # the CPU fetal-US setting, one definition shared with examples/fetal_us.py
+    scale = {"scale": 0.1, "image_size": [32, 40], "iterations": 4} if quick else {}
+    spec = md.preset("fetal_us_cpu", seed=seed, **scale).model_dump(mode="json")
+    spec["adversary"] = md.AdversarySpec(features="reuse").model_dump(mode="json")  # the library's, reused
+    return spec
+
+
+# name -> (base spec builder, unseen split, main task, nuisance tasks)
+WORKLOADS: dict[str, tuple[Any, str, str, list[str] | None]] = {
+    "shapes": (shapes, "unseen", "shape", ["background"]),
+    "shapes_n": (shapes_n, "unseen", "shape", None),  # None: every other task
+    "fetal": (fetal, "lvot_with_shadow", "plane", ["shadow"]),
+}
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "objective" else v
+        if v == "x2":
+            out[k] = 2 * out[k]
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "objective":
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
     return out
 
 
-def experiment(args: argparse.Namespace, method: str, seed: int) -> md.Experiment:
-    base = md.preset(
-        "paper_synthetic", scale=args.scale, data={"name": "shapes", "args": {"scale": args.scale, "seed": seed}}
-    ).model_dump()
-    base["seed"], base["name"] = seed, f"shapes {method} seed={seed}"
-    base["adversary"].update(steps=args.steps, features="reuse")
-    base["training"].update(iterations=args.iterations, checkpoint_every=args.iterations, device=args.device)
-    base["training"]["optimizer"]["lr"] = args.lr
-    base["training"]["adversary_optimizer"].update(name="adam", lr=args.lr)
-    return md.Experiment.model_validate(merge(base, METHODS[method][1]))
+def experiment(workload: str, method: str, seed: int, quick: bool) -> md.Experiment:
+    spec = merge(WORKLOADS[workload][0](seed, quick), METHODS[method][1])
+    spec["training"].update(checkpoint_every=spec["training"]["iterations"], device="cpu")
+    spec.update(seed=seed, name=f"{workload} {method} seed={seed}")
+    return md.Experiment.model_validate(spec)
 
 
-def run_one(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
-    out = Path(args.out) / "runs" / method / f"seed_{seed}"
+def run_one(args: argparse.Namespace, workload: str, method: str, seed: int) -> dict[str, Any]:
+    _, unseen_split, main, nuisance = WORKLOADS[workload]
+    e = experiment(workload, method, seed, args.quick)
+    out = Path(args.out) / "runs" / workload / method / f"seed_{seed}"
     start = time.perf_counter()
-    run = md.train(experiment(args, method, seed), out_dir=out, resume=(out / "checkpoints").is_dir(), quiet=True)
+    run = md.train(e, out_dir=out, resume=(out / "checkpoints").is_dir(), quiet=True)
     seconds = time.perf_counter() - start
-    # methods with a leakage limit are judged by the checkpoint they select on validation data
-    which = "best" if run.experiment.training.leakage_limit is not None else "final"
-    test = md.evaluate(run, split="test", which=which, device=args.device)
-    unseen = md.evaluate(run, split="unseen", which=which, probe_data=False, device=args.device)
-    pairs = [("shape", "background"), ("background", "shape")]
+    test = md.evaluate(run, split="test", which="final", layers=("features",), device="cpu")
+    unseen = md.evaluate(run, split=unseen_split, which="final", probe_data=False, device="cpu")
+    targets = nuisance or [t for t in e.task_names if t != main]
+    pairs = [(main, t) for t in targets]
+
+    def leak(kind: str) -> dict[str, float]:
+        return {f"{i}->{j}": test.probes["features"][kind].normalised[(i, j)] for i, j in pairs}
+
     return {
+        "workload": workload,
         "method": method,
         "seed": seed,
         "train_seconds": seconds,
         "test_accuracy": test.accuracy,
-        "unseen_shape_accuracy": unseen.accuracy["shape"],
-        "evaluated": which if run.best is None or which == "final" else f"best (iteration {run.best['iteration']})",
+        "unseen_accuracy": unseen.accuracy[main],
+        "unseen_confusion": unseen.metrics[main].confusion,
         "adversary_accuracy": {f"{i}->{j}": test.adversary_accuracy.get((i, j)) for i, j in pairs},
-        "linear_leakage": {f"{i}->{j}": test.leakage_normalised[(i, j)] for i, j in pairs},
-        "mlp_leakage": {f"{i}->{j}": test.probes["features"]["mlp"].normalised[(i, j)] for i, j in pairs},
+        "linear_leakage": leak("linear"),
+        "mlp_leakage": leak("mlp"),
+        "linear_conditional_leakage": leak("linear_conditional"),
+        "mlp_conditional_leakage": leak("mlp_conditional"),
     }
 
 
-def table(rows: list[dict[str, Any]], methods: list[str]) -> str:
-    def values(method: str, fn: Any) -> list[float]:
-        return [fn(r) for r in rows if r["method"] == method]
+def _mean(d: dict[str, float]) -> float:
+    vals = [v for v in d.values() if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
 
-    def cell(method: str, fn: Any, per_seed: bool = False) -> str:
-        vals = values(method, fn)
-        text = format_mean_std(vals, 2)
-        return f"{text} ({', '.join(f'{v:.2f}' for v in vals)})" if per_seed else text
 
-    cols = [
-        ("seen test, min over tasks", lambda r: min(r["test_accuracy"].values()), False),
-        ("**unseen shape** (per seed)", lambda r: r["unseen_shape_accuracy"], True),
-        ("seeds with unseen >= 0.9", None, False),
-        ("adversary shape->bg", lambda r: r["adversary_accuracy"]["shape->background"], False),
-        ("linear probe shape->bg (norm.)", lambda r: r["linear_leakage"]["shape->background"], False),
-        ("MLP probe shape->bg (norm.)", lambda r: r["mlp_leakage"]["shape->background"], False),
-        ("linear probe bg->shape (norm.)", lambda r: r["linear_leakage"]["background->shape"], False),
-        ("train s", lambda r: r["train_seconds"], False),
-    ]
-    lines = ["| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+COLUMNS: list[tuple[str, Any, bool]] = [
+    ("seen test, min over tasks", lambda r: min(r["test_accuracy"].values()), False),
+    ("**unseen** (per seed)", lambda r: r["unseen_accuracy"], True),
+    ("conditional linear leakage", lambda r: _mean(r["linear_conditional_leakage"]), False),
+    ("conditional MLP leakage", lambda r: _mean(r["mlp_conditional_leakage"]), False),
+    ("linear leakage", lambda r: _mean(r["linear_leakage"]), False),
+    ("MLP leakage", lambda r: _mean(r["mlp_leakage"]), False),
+    ("trained adversary", lambda r: _mean(r["adversary_accuracy"]), False),
+    ("train s", lambda r: r["train_seconds"], False),
+]
+
+
+def table(rows: list[dict[str, Any]], workload: str) -> str:
+    rows = [r for r in rows if r["workload"] == workload]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = ["| method | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for m in methods:
+        mine = [r for r in rows if r["method"] == m]
         cells = []
-        for _, fn, per_seed in cols:
-            if fn is None:
-                unseen = values(m, lambda r: r["unseen_shape_accuracy"])
-                cells.append(f"{sum(v >= 0.9 for v in unseen)} / {len(unseen)}")
-            else:
-                cells.append(cell(m, fn, per_seed))
+        for _, fn, per_seed in COLUMNS:
+            vals = [fn(r) for r in mine]
+            text = format_mean_std(vals, 2)
+            cells.append(f"{text} ({', '.join(f'{v:.2f}' for v in vals)})" if per_seed else text)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    legend = "\n".join(f"- `{m}`: {METHODS[m][0]}" for m in methods)
-    return "\n".join(lines) + "\n\nCells: mean ± std over seeds. Methods:\n" + legend + "\n"
+    return "\n".join(lines)
 
 
-def figure(rows: list[dict[str, Any]], methods: list[str], path: Path) -> None:
+def markdown(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    out = [
+        "# Disentanglement study (benchmarks/disentangle.py)",
+        "",
+        f"Settings: {json.dumps(result['settings'])}",
+        "",
+        f"Machine: {json.dumps(result['machine'])}",
+        "",
+        "Cells: mean ± std over seeds (per-seed values in brackets). Leakage: the nuisance read from the main "
+        "task's encoder features by fresh probes fitted on `train` and scored on `test`, normalised (0 at the "
+        "majority rate, within each class of the main task for the conditional probes; 1 perfect); averaged "
+        "over the nuisance pairs. Trained adversary: accuracy of the strongest trained adversary of the same "
+        "pairs on `test` (a conditional adversary also sees the main task's label).",
+    ]
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        _, unseen, main, _ = WORKLOADS[workload]
+        out += ["", f"## {workload}: unseen = {main} accuracy on `{unseen}`", "", table(rows, workload)]
+    out += ["", "Methods:", ""] + [
+        f"- `{m}`: {METHODS[m][0]}" for m in dict.fromkeys(r["method"] for r in rows) if m in METHODS
+    ]
+    return "\n".join(out) + "\n"
+
+
+def figure(rows: list[dict[str, Any]], path: Path) -> None:
     try:
         import matplotlib
 
@@ -195,72 +228,76 @@ def figure(rows: list[dict[str, Any]], methods: list[str], path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install 'mtdisent[plots]'): no figure")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for x, m in enumerate(methods):
-        unseen = [r["unseen_shape_accuracy"] for r in rows if r["method"] == m]
-        leak = [r["linear_leakage"]["shape->background"] for r in rows if r["method"] == m]
-        axes[0].scatter([x] * len(unseen), unseen, color="C0")
-        axes[1].scatter([x] * len(leak), leak, color="C1")
-    for ax, title, line in (
-        (axes[0], "unseen circle/black: shape accuracy", 0.9),
-        (axes[1], "linear probe leakage shape->background (normalised, test)", 0.2),
-    ):
-        ax.axhline(line, ls="--", color="gray", lw=1)
-        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
-        ax.set_title(title, fontsize=10)
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(2, len(workloads), figsize=(5.5 * len(workloads), 7), squeeze=False)
+    for col, w in enumerate(workloads):
+        mine = [r for r in rows if r["workload"] == w]
+        methods = list(dict.fromkeys(r["method"] for r in mine))
+        for x, m in enumerate(methods):
+            rs = [r for r in mine if r["method"] == m]
+            axes[0][col].scatter([x] * len(rs), [r["unseen_accuracy"] for r in rs], color="C0")
+            axes[1][col].scatter([x] * len(rs), [_mean(r["linear_conditional_leakage"]) for r in rs], color="C1")
+            axes[1][col].scatter(
+                [x] * len(rs), [_mean(r["mlp_conditional_leakage"]) for r in rs], color="C2", marker="x"
+            )
+        for ax, title, line in (
+            (axes[0][col], f"{w}: unseen accuracy", 0.9),
+            (axes[1][col], f"{w}: conditional leakage (o linear, x MLP)", 0.2),
+        ):
+            ax.axhline(line, ls="--", color="gray", lw=1)
+            ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+            ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=DEFAULT, choices=list(METHODS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--scale", type=float, default=0.125)
-    p.add_argument("--iterations", type=int, default=600)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "disentangle"))
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--methods", nargs="+", default=["lambda0", "paper", "default"], choices=list(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 4 iterations: checks that everything runs")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "study"))
     p.add_argument("--append", action="store_true", help="keep the rows of an earlier results.json in --out")
     args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"quick": args.quick, "defaults": md.AdversarySpec().model_dump(mode="json")}
     rows: list[dict[str, Any]] = []
-    settings = {k: v for k, v in vars(args).items() if k not in {"out", "append", "methods", "seeds"}}
-    if args.append and (out / "results.json").exists():  # keep earlier rows; rerun only what is missing
+    if args.append and (out / "results.json").exists():  # keep earlier rows; run only what is missing
         earlier = json.loads((out / "results.json").read_text())
-        differ = {k: (earlier["settings"].get(k), v) for k, v in settings.items() if earlier["settings"].get(k) != v}
-        if differ:
+        if earlier["settings"] != settings:
             raise SystemExit(
-                f"--append: {out / 'results.json'} was made with other settings "
-                f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
-                "use the same settings or another --out"
+                f"--append: {out / 'results.json'} was made with other settings ({earlier['settings']}, now "
+                f"{settings}); use the same settings or another --out"
             )
         rows = earlier["rows"]
-    done = {(r["method"], r["seed"]) for r in rows}
-    settings["seeds"] = sorted({*args.seeds, *(r["seed"] for r in rows)})
-    for method in args.methods:
-        for seed in args.seeds:
-            if (method, seed) in done:
-                continue
-            row = run_one(args, method, seed)
-            rows.append(row)
-            print(
-                f"{method} seed={seed}: unseen {row['unseen_shape_accuracy']:.3f}, test {row['test_accuracy']}, "
-                f"linear leak {row['linear_leakage']['shape->background']:.2f}, {row['train_seconds']:.0f} s",
-                flush=True,
-            )
-            (out / "results.json").write_text(
-                json.dumps({"settings": settings, "machine": md.machine_info(), "rows": rows}, indent=1)
-            )
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    md_table = table(rows, methods)
-    header = f"# disentangle\n\nSettings: {json.dumps(settings)}\n\nMachine: {json.dumps(md.machine_info())}\n\n"
-    (out / "results.md").write_text(header + md_table)
-    figure(rows, methods, out / "results.png")
-    print(md_table)
+    done = {(r["workload"], r["method"], r["seed"]) for r in rows}
+    for workload in args.workloads:
+        for method in args.methods:
+            for seed in args.seeds:
+                if (workload, method, seed) in done:
+                    continue
+                row = run_one(args, workload, method, seed)
+                rows.append(row)
+                print(
+                    f"{workload} {method} seed={seed}: unseen {row['unseen_accuracy']:.3f}, seen "
+                    f"{min(row['test_accuracy'].values()):.3f}, cond. linear leak "
+                    f"{_mean(row['linear_conditional_leakage']):.2f}, {row['train_seconds']:.0f} s",
+                    flush=True,
+                )
+                result = {"settings": settings, "machine": md.machine_info(), "rows": rows}
+                (out / "results.json").write_text(json.dumps(result, indent=1))
+                (out / "results.md").write_text(markdown(result))
+    result = {"settings": settings, "machine": md.machine_info(), "rows": rows}
+    (out / "results.md").write_text(markdown(result))
+    figure(rows, out / "results.png")
+    print(markdown(result))
 
 
 if __name__ == "__main__":
