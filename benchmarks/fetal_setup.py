@@ -56,7 +56,7 @@ def experiment(args: argparse.Namespace, source: md.DataSource, seed: int) -> md
     spec = {
         "name": f"fetal_setup {'+'.join(args.tasks)} seed={seed}",
         "tasks": [
-            {"name": t, "classes": by_name[t].class_names, "head": {"hidden": heads[t], "dropout": args.dropout}}
+            {"name": t, "classes": by_name[t].class_names, "head": {"hidden": heads[t], "dropout": args.dropout, "batchnorm": not args.no_head_bn}}
             for t in args.tasks
         ],
         "backbone": {"name": "dltk_residual", "args": backbone},
@@ -221,6 +221,7 @@ def main() -> None:
     p.add_argument("--units", type=int, nargs="+", default=None)
     p.add_argument("--plane-hidden", type=int, nargs="*", default=[256])
     p.add_argument("--shadow-hidden", type=int, nargs="*", default=[256])
+    p.add_argument("--no-head-bn", action="store_true", help="classifier heads without BatchNorm")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--shift", type=int, default=0.0, help="augmentation: random whole-pixel shift up to this")
     p.add_argument("--zoom", type=float, default=0.0, help="augmentation: random zoom 1 +- this")
