@@ -69,7 +69,8 @@ def experiment(args: argparse.Namespace, source: md.DataSource, seed: int) -> md
             "l2": args.l2,
             "hflip": not args.no_hflip,
             "device": "cpu",
-            "checkpoint_every": args.iterations,
+            "checkpoint_every": args.checkpoint_every or args.iterations,
+            "keep_last": args.keep_last,
             "eval_every": args.eval_every,
         },
         "seed": seed,
@@ -233,6 +234,8 @@ def main() -> None:
     p.add_argument("--recalibrate-bn", action="store_true", help="diagnostic: also score with recomputed BN stats")
     p.add_argument("--tag", default="")
     p.add_argument("--save", default=None, help="keep the run directory under this folder")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="with --save: checkpoint interval")
+    p.add_argument("--keep-last", type=int, default=2, help="with --save: checkpoints kept")
     p.add_argument("--cache", default="runs/fetal_cache")
     p.add_argument("--log", default="runs/fetal_setup.jsonl")
     args = p.parse_args()
