@@ -118,3 +118,13 @@ def test_three_tasks_on_timm_two_on_dltk():
     assert {k: v.shape for k, v in p.items()} == {"plane": (2,), "shadow": (2,), "machine": (2,)}
     ensemble = e3.adversary.ensemble
     assert len({p.pair_key for p in m3.pairs}) == 6 and len(m3.adversaries) == 6 * ensemble
+
+
+def test_bn_momentum_is_configurable_and_checked():
+    enc = dltk(bn_momentum=0.1)
+    bns = [m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.momentum == 0.1 and m.eps == 1e-3 for m in bns)
+    assert all(m.momentum == 0.01 for m in dltk().modules() if isinstance(m, torch.nn.BatchNorm2d))  # TF default
+    for bad in (0, 1.5, True, "0.1"):
+        with pytest.raises(md.ComponentError, match="bn_momentum"):
+            dltk(bn_momentum=bad)

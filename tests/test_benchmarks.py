@@ -53,3 +53,18 @@ def test_speed_harness_gates_and_times_both_paths(tmp_path):
         assert r["gate_max_rel_diff"] <= 2e-3
         assert r["ratio"] == pytest.approx(r["stacked"]["iteration_s"] / r["separate"]["iteration_s"], rel=1e-6)
     assert "speed_quick" in proc.stdout and (tmp_path / "speed_quick.md").is_file()
+
+
+@pytest.mark.slow
+def test_fetal_setup_recommended_two_tasks_tiny(tmp_path):
+    log = tmp_path / "rows.jsonl"
+    tiny = ["--scale", "0.02", "--size", "32", "40", "--iterations", "3", "--eval-every", "2", "--batch", "8"]
+    args = ["--recommended", "--tasks", "plane", "shadow", "--artifacts", "--recalibrate-bn", *tiny]
+    run("fetal_setup.py", *args, "--seeds", "0", "--log", str(log), "--cache", str(tmp_path / "cache"), cwd=tmp_path)
+    row = json.loads(log.read_text().splitlines()[-1])
+    assert row["settings"]["units"] == [2] and row["settings"]["output"] == "pool" and row["settings"]["shift"] == 6
+    assert row["settings"]["iterations"] == 3  # an explicit flag wins over --recommended
+    for key in ("final", "recalibrated_bn"):
+        cells = row[key]
+        assert 0.0 <= cells["test"]["plane"] <= 1.0 and 0.0 <= cells["lvot_with_shadow"]["plane"] <= 1.0
+        assert 0.0 <= cells["artifacts_others"]["shadow"] <= 1.0 and len(cells["test"]["plane_per_class"]) == 3

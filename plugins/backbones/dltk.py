@@ -47,13 +47,15 @@ def _activation(name: str, negative_slope: float) -> nn.Module:
 class ResidualUnit(nn.Module):
     """DLTK's vanilla residual unit in 2-D."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: tuple[int, int], act: nn.Module) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: tuple[int, int], act: nn.Module, bn_momentum: float = BN_MOMENTUM
+    ) -> None:
         super().__init__()
         kernel = tuple(2 * s if s > 1 else 3 for s in stride)
         self.pool = nn.MaxPool2d(stride, stride) if max(stride) > 1 else nn.Identity()
-        self.bn0 = nn.BatchNorm2d(in_ch, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.bn0 = nn.BatchNorm2d(in_ch, eps=BN_EPS, momentum=bn_momentum)
         self.conv0 = _same_conv(in_ch, out_ch, kernel, stride)  # type: ignore[arg-type]
-        self.bn1 = nn.BatchNorm2d(out_ch, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.bn1 = nn.BatchNorm2d(out_ch, eps=BN_EPS, momentum=bn_momentum)
         self.conv1 = _same_conv(out_ch, out_ch, (3, 3), (1, 1))
         self.act = act
         self.in_ch, self.out_ch = in_ch, out_ch
@@ -84,6 +86,10 @@ class DLTKResidualEncoder(nn.Module):
         negative_slope: Slope of the leaky ReLU.
         output: ``"flatten"`` (the paper: D = filters[-1] * H/prod(strides) * W/prod(strides)) or
             ``"pool"`` (global average pooling: D = filters[-1]).
+        bn_momentum: PyTorch momentum of the BatchNorm running statistics. The default 0.01 is TF1's (decay
+            0.99): the running averages then span about the last 100 batches, which suits the paper's 10,010
+            iterations but lags behind the weights in short, fast runs, so eval mode (running statistics)
+            can score far below train mode. 0.1 (PyTorch's default) follows within about 10 batches.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class DLTKResidualEncoder(nn.Module):
         activation: str = "leaky_relu",
         negative_slope: float = 0.1,
         output: str = "flatten",
+        bn_momentum: float = BN_MOMENTUM,
     ) -> None:
         super().__init__()
         filters = [int(f) for f in filters]
@@ -117,6 +124,8 @@ class DLTKResidualEncoder(nn.Module):
             raise ComponentError(f"activation {activation!r} is not one of 'leaky_relu', 'relu', 'elu', 'gelu'")
         if output not in {"flatten", "pool"}:
             raise ComponentError(f"output {output!r} must be 'flatten' or 'pool'")
+        if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) or not 0 < bn_momentum <= 1:
+            raise ComponentError(f"bn_momentum must be a number in (0, 1], got {bn_momentum!r}")
         self.strides = [_pair(s) for s in strides]
         self.reduction = (math.prod(s[0] for s in self.strides), math.prod(s[1] for s in self.strides))
         self.output = output
@@ -126,7 +135,8 @@ class DLTKResidualEncoder(nn.Module):
         for scale in range(1, len(filters)):
             for u in range(units[scale - 1]):
                 stride = self.strides[scale] if u == 0 else (1, 1)
-                blocks.append(ResidualUnit(width, filters[scale], stride, _activation(activation, negative_slope)))
+                act = _activation(activation, negative_slope)
+                blocks.append(ResidualUnit(width, filters[scale], stride, act, float(bn_momentum)))
                 width = filters[scale]
         self.blocks = nn.Sequential(*blocks)
         self.num_features: int | None = width if output == "pool" else None
@@ -162,6 +172,9 @@ def dltk_residual(
     activation: str = "leaky_relu",
     negative_slope: float = 0.1,
     output: str = "flatten",
+    bn_momentum: float = BN_MOMENTUM,
 ) -> DLTKResidualEncoder:
     """Factory of :class:`DLTKResidualEncoder` (registered as backbone ``dltk_residual``)."""
-    return DLTKResidualEncoder(in_channels, filters, strides, units_per_scale, activation, negative_slope, output)
+    return DLTKResidualEncoder(
+        in_channels, filters, strides, units_per_scale, activation, negative_slope, output, bn_momentum
+    )
