@@ -37,7 +37,14 @@ import mtdisent as md
 SPLITS = ["train", "val", "test", "lvot_with_shadow"]
 
 RECOMMENDED = dict(
-    scale=1.0, size=[64, 80], output="pool", units=[2], bn_momentum=0.1, no_head_bn=True, lr=3e-4, iterations=800,
+    scale=1.0,
+    size=[64, 80],
+    output="pool",
+    units=[2],
+    bn_momentum=0.1,
+    no_head_bn=True,
+    lr=3e-4,
+    iterations=800,
     shift=6,
 )
 """The command-line values of ``--recommended`` (explicitly given flags win)."""
@@ -78,7 +85,11 @@ def experiment(args: argparse.Namespace, source: md.DataSource, seed: int) -> md
     spec = {
         "name": f"fetal_setup {'+'.join(args.tasks)} seed={seed}",
         "tasks": [
-            {"name": t, "classes": by_name[t].class_names, "head": {"hidden": heads[t], "dropout": args.dropout, "batchnorm": not args.no_head_bn}}
+            {
+                "name": t,
+                "classes": by_name[t].class_names,
+                "head": {"hidden": heads[t], "dropout": args.dropout, "batchnorm": not args.no_head_bn},
+            }
             for t in args.tasks
         ],
         "backbone": {"name": "dltk_residual", "args": backbone},
@@ -303,7 +314,8 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         fin = row["final"]
         print(
-            f"[{args.tag}] seed {seed} {minutes:.1f} min | train {fin['train']['plane']:.3f} val {fin['val']['plane']:.3f}"
+            f"[{args.tag}] seed {seed} {minutes:.1f} min | train {fin['train']['plane']:.3f} "
+            f"val {fin['val']['plane']:.3f}"
             f" test {fin['test']['plane']:.3f} per-class {[round(a, 3) for a in fin['test']['plane_per_class']]}"
             f" 3VV-noS {fin['test']['plane_3vv_without_shadow']:.3f} | lvot_with_shadow"
             f" {fin['lvot_with_shadow']['plane']:.3f}"

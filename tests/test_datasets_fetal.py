@@ -160,3 +160,25 @@ def test_save_grid(source, tmp_path):
     save_grid(source["val"], tmp_path / "val.png")
     assert (tmp_path / "val.png").stat().st_size > 0
     assert mod.VIEWS == PLANES + OTHER_VIEWS
+
+
+def test_train_shift_moves_the_whole_scan_by_whole_pixels_in_train_only():
+    shifted = fetal_us_sim(scale=0.02, image_size=(32, 40), seed=3, train_shift=4, standardize=False)
+    ds, test = shifted["train"], shifted["test"]
+    assert test.shift == 0 and torch.equal(test[0][0], test.raw[0].float() / 255)
+    raw = ds.raw[0].float() / 255
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(30):
+        x = ds[0][0]
+        match = [
+            (dy, dx)
+            for dy in range(-4, 5)
+            for dx in range(-4, 5)
+            if torch.equal(x, torch.nn.functional.pad(raw, (4, 4, 4, 4))[:, 4 + dy : 4 + dy + 32, 4 + dx : 4 + dx + 40])
+        ]
+        assert match, "not a whole-pixel shift of the stored scan filled with black"
+        seen.add(match[0])
+    assert len(seen) > 5  # shifts vary from read to read
+    with pytest.raises(ComponentError, match="train_shift must be an integer in \\[0, 16\\)"):
+        fetal_us_sim(scale=0.02, image_size=(32, 40), train_shift=16)

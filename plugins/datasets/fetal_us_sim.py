@@ -108,6 +108,10 @@ class FetalUSDataset(Dataset):
         shadow_strength: ``FloatTensor[N]``: the strongest shadow's amplitude factor ``s`` (1.0 without shadow).
         shadow_masks: ``BoolTensor[N, H, W]`` of shadowed pixels when requested, else ``None``.
         standardize: Whether items are standardised per image.
+        shift: Largest random whole-pixel shift (each axis) of the scan, fan included, filled with black, drawn
+            from torch's global generator each time an item is read (0: none). Whole pixels keep the speckle's
+            statistics; interpolating shifts smooth it, and BatchNorm statistics gathered on smoothed images then
+            no longer fit the test images (see FETAL_SETUP.md).
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class FetalUSDataset(Dataset):
         shadow_strength: torch.Tensor,
         shadow_masks: torch.Tensor | None = None,
         standardize: bool = True,
+        shift: int = 0,
     ) -> None:
         n = raw.shape[0]
         if raw.ndim != 4 or raw.dtype != torch.uint8 or any(v.shape != (n,) for v in [*labels.values(), views]):
@@ -128,12 +133,17 @@ class FetalUSDataset(Dataset):
         self.shadow_strength = shadow_strength.float()
         self.shadow_masks = shadow_masks
         self.standardize = standardize
+        self.shift = int(shift)
 
     def __len__(self) -> int:
         return self.raw.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, int]]:
-        x = self.raw[index].float() / 255.0
+        x = self.raw[index].float() / 255.0  # (1, H, W)
+        if self.shift:
+            s, (h, w) = self.shift, x.shape[-2:]
+            dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,)))
+            x = F.pad(x, (s, s, s, s))[:, s + dy : s + dy + h, s + dx : s + dx + w]
         if self.standardize:
             x = (x - x.mean()) / x.std(correction=0).clamp_min(1e-6)
         return x, {name: int(v[index]) for name, v in self.labels.items()}
@@ -672,6 +682,7 @@ def fetal_us_sim(
     return_masks: bool = False,
     splits: Sequence[str] | None = None,
     num_threads: int | None = 1,
+    train_shift: int = 0,
 ) -> DataSource:
     """Simulated fetal ultrasound with the split structure of the paper's Table 1 (Meng et al. 2019).
 
@@ -701,6 +712,8 @@ def fetal_us_sim(
             slow down many times over when the CPU is shared (each parallel operation waits for its threads to
             be scheduled), so the default is 1. ``None`` keeps torch's current setting (try it on an idle
             machine with many cores).
+        train_shift: Random whole-pixel shifts of up to this many pixels for the ``train`` split (augmentation;
+            0: none). The shortcut stays: shadows move with the scan.
 
     Returns:
         A :class:`DataSource` of :class:`FetalUSDataset` splits, tasks ``plane`` (3VV, LVOT, Abd) and
@@ -718,6 +731,8 @@ def fetal_us_sim(
     for name, flag in (("standardize", standardize), ("return_masks", return_masks)):
         if not isinstance(flag, bool):
             raise ComponentError(f"{name} must be true or false, got {flag!r}")
+    if isinstance(train_shift, bool) or not isinstance(train_shift, int) or not 0 <= train_shift < min(h, w) // 2:
+        raise ComponentError(f"train_shift must be an integer in [0, {min(h, w) // 2}), got {train_shift!r}")
     wanted = list(TABLE1) if splits is None else list(splits)
     for name in wanted:
         if name not in TABLE1:
@@ -748,6 +763,7 @@ def fetal_us_sim(
             strengths,
             masks,
             standardize=standardize,
+            shift=train_shift if split == "train" else 0,
         )
 
     tasks = [Task(name="plane", classes=list(PLANES)), Task(name="shadow", classes=list(SHADOW_CLASSES))]
@@ -757,6 +773,7 @@ def fetal_us_sim(
         "image_size": [h, w],
         "scale": float(scale),
         "seed": seed,
+        "train_shift": train_shift,
         "standardize": "per_image" if standardize else "none",
         "views": {"planes": list(PLANES), "others": list(OTHER_VIEWS)},
         "shadow_strength": [0.05, 0.4],
