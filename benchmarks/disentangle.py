@@ -86,7 +86,9 @@ def shapes(seed: int, quick: bool) -> dict[str, Any]:
 
 def shapes_n(seed: int, quick: bool) -> dict[str, Any]:
     args = {"num_tasks": 4, "image_size": [32, 32], "seed": seed, "correlation": 0.5}
-    source = md.datasets.get("shapes_n")(**args, n_train=16, n_eval=4)
+    if quick:  # probes on 2000 x 2048 features cost minutes; a smoke run needs a few hundred rows
+        args.update(n_train=200, n_eval=100)
+    source = md.datasets.get("shapes_n")(**{**args, "n_train": 16, "n_eval": 4})  # for its tasks and shape
     return {
         "tasks": [t.model_dump(mode="json") for t in source.tasks],
         "input_shape": list(source.input_shape),
@@ -132,13 +134,24 @@ def experiment(workload: str, method: str, seed: int, quick: bool) -> md.Experim
     return md.Experiment.model_validate(spec)
 
 
+def train_once(experiment: md.Experiment, data: Any, out: Path) -> tuple[md.Run, float]:
+    """Train into ``out``, or resume it, or reuse it when finished; returns the run and its training seconds.
+
+    The seconds of the first, complete training are kept in ``out/train_seconds.json`` (a reused run costs none).
+    """
+    timing = out / "train_seconds.json"
+    start = time.perf_counter()
+    run = md.train(experiment, data=data, out_dir=out, resume=(out / "checkpoints").is_dir(), quiet=True)
+    if not timing.is_file():
+        timing.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    return run, float(json.loads(timing.read_text())["seconds"])
+
+
 def run_one(args: argparse.Namespace, workload: str, method: str, seed: int) -> dict[str, Any]:
     _, unseen_split, main, nuisance = WORKLOADS[workload]
     e = experiment(workload, method, seed, args.quick)
-    out = Path(args.out) / "runs" / workload / method / f"seed_{seed}"
-    start = time.perf_counter()
-    run = md.train(e, out_dir=out, resume=(out / "checkpoints").is_dir(), quiet=True)
-    seconds = time.perf_counter() - start
+    out = Path(args.runs) / ("quick" if args.quick else "") / workload / method / f"seed_{seed}"
+    run, seconds = train_once(e, None, out)
     test = md.evaluate(run, split="test", which="final", layers=("features",), device="cpu")
     unseen = md.evaluate(run, split=unseen_split, which="final", probe_data=False, device="cpu")
     targets = nuisance or [t for t in e.task_names if t != main]
@@ -260,6 +273,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes and 4 iterations: checks that everything runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "study"))
+    p.add_argument("--runs", default="runs/study", help="run directories (shared with examples/fetal_us.py)")
     p.add_argument("--append", action="store_true", help="keep the rows of an earlier results.json in --out")
     args = p.parse_args()
     import torch

@@ -1,213 +1,302 @@
-"""The paper's fetal-ultrasound experiment (Meng et al. 2019, Table 2): standard plane and acoustic shadows.
+"""The paper's fetal-ultrasound study (Meng et al. 2019, Table 2): standard plane and acoustic shadows.
 
-Training shows LVOT planes only without shadow. Four models are trained on the same data with the paper's
-architecture (DLTK residual encoders, a three-layer plane classifier, a two-layer shadow classifier) and
-optimiser settings: a plane-only and a shadow-only single-task network, the two-task model without adversary
-(lambda = 0), and the full model. The table follows the paper's Table 2: per-class and overall accuracy on
-the seen test set, plane accuracy on LVOT with shadow (the unseen combination), shadow accuracy on other
-planes with artifacts, and a last row where a fresh probe reads each task from the *other* task's features
-of the full model (the paper's "features of the irrelevant task").
+Training never shows an LVOT plane with a shadow, and "no shadow -> LVOT" is a shortcut (500 of the 805
+shadow-free training images are LVOT). Per seed, on the same data, three two-task models are trained from
+``md.preset("fetal_us_cpu")`` (the paper's heads, a DLTK encoder with six residual units, 64 x 80 on a CPU):
+``lambda0`` (no adversary term), ``paper`` (min-max, lambda 0.01, one unconditional adversary per pair) and
+``default`` (the library's default adversaries), plus any ``--methods`` of ``benchmarks/disentangle.py``.
+The table follows the paper's Table 2 (per-class and overall accuracy on the seen test set, plane accuracy on
+LVOT with shadow, shadow accuracy on other planes with artifacts) with the paper's numbers beside ours:
 
-    python examples/fetal_us.py --quick            # CPU, simulated data at 64 x 80, 300 iterations, minutes
-    python examples/fetal_us.py                    # simulated data at 224 x 288, the paper's 10,010 iterations
+* "plane only" and "shadow only" are the ``lambda0`` model's branches: with separate encoders and no
+  adversary term the two tasks never interact, so each branch *is* the single-task network trained from the
+  same seed (``tests/test_engine.py`` checks this); they are not trained twice.
+* "features of the other task" is the paper's last row: an MLP probe fitted on the training split reads each
+  task from the *other* task's features of the ``default`` model.
+
+Also written: the predicted-plane distribution on ``lvot_with_shadow`` per model (a high number that comes from
+calling everything LVOT shows there), the conditional and unconditional leakage of shadow from the plane
+features (linear and MLP probes, fitted on ``train``, scored on ``test``), and validation curves.
+
+    python examples/fetal_us.py --seeds 0 1 2 3 4             # CPU: about 10 minutes per model on 2 cores
+    python examples/fetal_us.py --quick                       # a smoke run
     python examples/fetal_us.py --fetal-planes-db /data/FETAL_PLANES_ZENODO --holdout "Fetal brain" Aloka
 
-Data: ``fetal_us_sim`` (simulated B-mode images with Table 1's split structure) by default. With
-``--fetal-planes-db`` the public FETAL_PLANES_DB is read instead, with ``Plane`` as the main task and
-``US_Machine`` as the nuisance, and the ``--holdout`` (plane, machine) cell as the unseen combination.
-Runs on CUDA when there is a GPU (``--device``). Writes ``results.json`` and ``results.md`` under ``--out``.
+With ``--fetal-planes-db`` the public FETAL_PLANES_DB is read instead: ``Plane`` is the main task, ``US_Machine``
+the nuisance and the ``--holdout`` (plane, machine) cell the unseen combination (same rows; no paper numbers).
+Runs are kept under ``--runs`` (shared with ``benchmarks/disentangle.py``: a run trained by one is evaluated,
+not retrained, by the other). Writes ``results.json``, ``results.md`` and PNGs to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import mtdisent as md
-from mtdisent.evaluation import collect_features, format_mean_std, per_class_accuracy, train_probe
+from mtdisent.evaluation import collect_features, format_mean_std, train_probe
+
+HERE = Path(__file__).parent
+# The paper's Table 2 (accuracy %): 3VV, LVOT, Abd, overall | shadow without, with, overall | LVOT with shadow |
+# shadow on Others with artifacts. None where the paper has no number.
+PAPER = {
+    "plane only": [60.80, 96.59, 67.09, 78.36, None, None, None, 34.93, None],
+    "shadow only": [None, None, None, None, 77.94, 80.46, 78.70, None, 69.26],
+    "lambda0": [63.73, 97.80, 78.48, 81.25, 78.77, 77.78, 78.74, 37.56, 69.50],
+    "full model (paper)": [93.87, 97.56, 81.01, 94.44, 87.89, 58.62, 79.05, 73.68, 68.49],
+    "features of the other task": [39.20, 83.90, 82.28, 64.35, 68.49, 81.99, 72.57, None, None],
+}
 
 
-def load_data(args: argparse.Namespace, seed: int) -> tuple[md.DataSource, dict[str, Any]]:
-    """The data and the roles of its tasks and splits."""
-    if args.fetal_planes_db:
-        holdout = [{"Plane": args.holdout[0], "US_Machine": args.holdout[1]}]
-        factory = md.datasets.get("fetal_planes_db")
-        data = factory(
-            root=args.fetal_planes_db,
-            tasks=("Plane", "US_Machine"),
-            image_size=tuple(args.image_size),
-            holdout=holdout,
-            seed=seed,
-            max_samples=args.max_samples,
-            cache=True,
-        )
-        roles = {"main": "plane", "nuisance": "us_machine", "unseen": "unseen", "extra": None}
-    else:
-        factory = md.datasets.get("fetal_us_sim")
-        data = factory(scale=args.scale, image_size=tuple(args.image_size), seed=seed)
+def study() -> Any:
+    """``benchmarks/disentangle.py``: its methods, spec merging and run cache (one definition for both studies)."""
+    spec = importlib.util.spec_from_file_location("disentangle", HERE.parent / "benchmarks" / "disentangle.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def experiment(
+    args: argparse.Namespace, shared: Any, method: str, seed: int
+) -> tuple[md.Experiment, md.DataSource, dict]:
+    """The experiment of ``method``, its data and the roles of its tasks and splits.
+
+    Simulated data: exactly the study's ``fetal`` workload (so runs are shared). FETAL_PLANES_DB: the same
+    settings on the public data, ``Plane`` x ``US_Machine`` with a held-out cell.
+    """
+    e = shared.experiment("fetal", method, seed, args.quick)
+    if not args.fetal_planes_db:
+        assert e.data is not None
         roles = {"main": "plane", "nuisance": "shadow", "unseen": "lvot_with_shadow", "extra": "artifacts_others"}
-    return data, roles
+        return e, md.datasets.get("fetal_us_sim")(**e.data.args), roles
+    data = md.datasets.get("fetal_planes_db")(
+        root=args.fetal_planes_db,
+        tasks=("Plane", "US_Machine"),
+        image_size=tuple(e.input_shape[1:]),
+        holdout=[{"Plane": args.holdout[0], "US_Machine": args.holdout[1]}],
+        seed=seed,
+        max_samples=args.max_samples,
+        cache=True,
+    )
+    spec = e.model_dump(mode="json")
+    spec["tasks"] = [t.model_dump(mode="json") for t in data.tasks]
+    spec["tasks"][0]["head"] = e.task("plane").head.model_dump(mode="json")  # the paper's plane classifier
+    spec.update(data=None, name=f"fetal_planes_db {method} seed={seed}")
+    roles = {"main": "plane", "nuisance": "us_machine", "unseen": "unseen", "extra": None}
+    return md.Experiment.model_validate(spec), data, roles
 
 
-def experiment(args: argparse.Namespace, data: md.DataSource, tasks: list[str], weight: float, seed: int):
-    """The paper's configuration (``md.preset("paper_fetal_us")``) on these tasks, with this run's budget."""
-    spec = md.preset("paper_fetal_us").model_dump()
-    by_name = {t.name: t for t in data.tasks}
-    heads = {"plane": [256, 256]}  # the paper: three dense layers for the plane, two for the shadow
-    spec["tasks"] = [
-        {"name": t, "classes": by_name[t].class_names, "head": {"hidden": heads.get(t, [256])}} for t in tasks
-    ]
-    spec["input_shape"] = tuple(data.input_shape)
-    spec["seed"] = seed
-    spec["name"] = f"fetal_us {'+'.join(tasks)} lambda={weight:g} seed={seed}"
-    spec["adversary"].update(weight=weight, steps=args.steps, features=args.features)
-    spec["training"].update(iterations=args.iterations, checkpoint_every=args.iterations, device=args.device)
-    spec["training"]["optimizer"]["lr"] = args.lr
-    spec["training"]["adversary_optimizer"]["lr"] = args.lr
-    return md.Experiment.model_validate(spec)
-
-
-def only(dataset: Any, tasks: list[str]) -> Any:
-    """A view of a split carrying only ``tasks``' labels (single-task networks know one task)."""
-
-    class View(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(dataset)
-
-        def __getitem__(self, i: int) -> Any:
-            x, labels = dataset[i]
-            return x, {t: labels[t] for t in tasks if t in labels}
-
-    return View()
-
-
-def per_class(pred: torch.Tensor, y: torch.Tensor, k: int) -> list[float | None]:
-    """Per-class accuracy then overall accuracy (unlabelled ``-1`` samples skipped)."""
-    m = y >= 0
-    overall = float((pred[m] == y[m]).float().mean()) if bool(m.any()) else None
-    return [*per_class_accuracy(pred, y, k), overall]
-
-
-@torch.no_grad()
-def evaluate_model(model: md.MultiTaskModel, data: md.DataSource, roles: dict[str, Any], device: str) -> dict:
-    """Table 2's cells for one model: per-class accuracies on test, the unseen and extra splits."""
+def accuracy_cells(model: md.MultiTaskModel, data: md.DataSource, roles: dict[str, Any]) -> dict[str, Any]:
+    """Table 2's cells: per-class and overall accuracy on test, the unseen split and the extra split."""
     cells: dict[str, Any] = {}
+    feats, labels = collect_features(model, data["test"], split="test")
+    with torch.no_grad():
+        logits = model.eval().classify(feats)
     for task in model.task_names:
         k = model.experiment.task(task).n_classes
-        feats, labels = collect_features(model, only(data["test"], [task]), layer="features", device=device)
-        pred = model.classify(feats)[task].argmax(-1).cpu()
-        cells[f"test/{task}"] = per_class(pred, labels[task], k)
-        for role in ("unseen", "extra"):
-            split = roles[role]
-            wanted = roles["main"] if role == "unseen" else roles["nuisance"]
-            if split and split in data and task == wanted:
-                feats, labels = collect_features(model, only(data[split], [task]), device=device)
-                pred = model.classify(feats)[task].argmax(-1).cpu()
-                cells[f"{role}/{task}"] = per_class(pred, labels[task], k)[-1]
+        m = md.evaluation.task_metrics(logits[task].argmax(-1), labels[task], k)
+        cells[f"test/{task}"] = [*m.per_class_accuracy, m.accuracy]
+    for role, task in (("unseen", roles["main"]), ("extra", roles["nuisance"])):
+        split = roles[role]
+        if split and split in data:
+            r = md.evaluate(model, data=data, split=split, probe_data=False, device="cpu")
+            cells[f"{role}/{task}"] = r.accuracy[task]
+            cells[f"{role}/{task}/confusion"] = r.metrics[task].confusion
     return cells
 
 
-def probe_other_task(model: md.MultiTaskModel, data: md.DataSource, roles: dict[str, Any], device: str) -> dict:
-    """The last row: an MLP probe, trained on the training split, reads each task from the other's features."""
-    tasks = model.task_names
-    tr_f, tr_y = collect_features(model, data["train"], device=device)
-    te_f, te_y = collect_features(model, data["test"], device=device)
+def other_task_cells(model: md.MultiTaskModel, data: md.DataSource) -> dict[str, Any]:
+    """The paper's last row: an MLP probe reads each task from the *other* task's features."""
+    tr_f, tr_y = collect_features(model, data["train"], split="train")
+    te_f, te_y = collect_features(model, data["test"], split="test")
     cells = {}
-    for target in tasks:
-        source = next(t for t in tasks if t != target)
+    for target in model.task_names:
+        source = next(t for t in model.task_names if t != target)
         k = model.experiment.task(target).n_classes
         probe = train_probe(tr_f[source], tr_y[target], k, kind="mlp", seed=0)
-        cells[f"test/{target}"] = per_class(probe.predict(te_f[source]), te_y[target], k)
+        m = md.evaluation.task_metrics(probe.predict(te_f[source]), te_y[target], k)
+        cells[f"test/{target}"] = [*m.per_class_accuracy, m.accuracy]
     return cells
 
 
-def table(rows: list[dict], data: md.DataSource, roles: dict[str, Any]) -> str:
+def columns(data: md.DataSource, roles: dict[str, Any]) -> list[tuple[str, int | None, str]]:
     main, nuis = roles["main"], roles["nuisance"]
     names = {t.name: t.class_names for t in data.tasks}
-    cols = [(f"test/{main}", i, f"{main} {c}") for i, c in enumerate(names[main])]
+    cols: list[tuple[str, int | None, str]] = [(f"test/{main}", i, f"{main} {c}") for i, c in enumerate(names[main])]
     cols.append((f"test/{main}", len(names[main]), f"{main} overall"))
     cols += [(f"test/{nuis}", i, f"{nuis} {c}") for i, c in enumerate(names[nuis])]
     cols.append((f"test/{nuis}", len(names[nuis]), f"{nuis} overall"))
     cols.append((f"unseen/{main}", None, f"{main} on {roles['unseen']}"))
     if roles["extra"]:
         cols.append((f"extra/{nuis}", None, f"{nuis} on {roles['extra']}"))
+    return cols
+
+
+def table(rows: list[dict[str, Any]], data: md.DataSource, roles: dict[str, Any], paper: bool) -> str:
+    cols = columns(data, roles)
     lines = ["| model | " + " | ".join(c[2] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for label in dict.fromkeys(r["model"] for r in rows):
+    for label in dict.fromkeys(r["row"] for r in rows):
         cells = []
         for key, idx, _ in cols:
-            vals = [r["cells"].get(key) for r in rows if r["model"] == label]
+            vals = [r["cells"].get(key) for r in rows if r["row"] == label]
             vals = [(v[idx] if idx is not None and v is not None else v) for v in vals]
             cells.append(format_mean_std([None if v is None else 100 * v for v in vals], 1))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nAccuracy in %, mean ± std over seeds; '-' where the model has no such output.\n"
+        if paper and label in PAPER:
+            ref = ["-" if v is None else f"{v:.2f}" for v in PAPER[label]]
+            lines.append(f"| *paper: {label}* | " + " | ".join(f"*{v}*" for v in ref[: len(cols)]) + " |")
+        if paper and label.startswith("default") and "full model (paper)" in PAPER:
+            ref = ["-" if v is None else f"{v:.2f}" for v in PAPER["full model (paper)"]]
+            lines.append("| *paper: full model* | " + " | ".join(f"*{v}*" for v in ref[: len(cols)]) + " |")
+    return "\n".join(lines)
+
+
+def leakage_table(rows: list[dict[str, Any]], roles: dict[str, Any]) -> str:
+    pair = f"{roles['main']}->{roles['nuisance']}"
+    keys = ("linear_conditional", "mlp_conditional", "linear", "mlp")
+    lines = [
+        f"| model | unseen {roles['main']} (per seed) | "
+        + " | ".join(f"{k} leakage {pair}" for k in keys)
+        + " | train s |",
+        "|---" * (len(keys) + 3) + "|",
+    ]
+    for label in dict.fromkeys(r["row"] for r in rows if "leakage" in r):
+        mine = [r for r in rows if r["row"] == label and "leakage" in r]
+        unseen = [r["cells"].get(f"unseen/{roles['main']}") for r in mine]
+        cells = [f"{format_mean_std(unseen, 2)} ({', '.join(f'{v:.2f}' for v in unseen)})"]
+        cells += [format_mean_std([r["leakage"][k] for r in mine], 2) for k in keys]
+        cells.append(format_mean_std([r["seconds"] for r in mine], 0))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def confusion_table(rows: list[dict[str, Any]], data: md.DataSource, roles: dict[str, Any]) -> str:
+    main = roles["main"]
+    names = next(t for t in data.tasks if t.name == main).class_names
+    key = f"unseen/{main}/confusion"
+    lines = ["| model | " + " | ".join(f"called {c}" for c in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label in dict.fromkeys(r["row"] for r in rows if key in r["cells"]):
+        total = torch.zeros(len(names))
+        for r in rows:
+            if r["row"] == label and key in r["cells"]:
+                total += torch.tensor(r["cells"][key], dtype=torch.float).sum(0)  # predicted-class counts
+        share = total / total.sum().clamp(min=1)
+        lines.append(f"| {label} | " + " | ".join(f"{100 * float(v):.1f}" for v in share) + " |")
+    return "\n".join(lines)
+
+
+def curves(runs: dict[str, Path], path: Path, main: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'mtdisent[plots]'): no curves")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, run_dir in runs.items():
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        train = [(r["iteration"], r[f"acc/{main}"]) for r in rows if f"acc/{main}" in r]
+        val = [(r["iteration"], r[f"val_acc/{main}"]) for r in rows if f"val_acc/{main}" in r]
+        if train:
+            axes[0].plot(*zip(*train, strict=True), label=label, lw=0.8)
+        if val:
+            axes[1].plot(*zip(*val, strict=True), "o-", label=label)
+    axes[0].set(title=f"{main} accuracy on training batches", xlabel="iteration")
+    axes[1].set(title=f"{main} accuracy on the validation split", xlabel="iteration")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="64 x 80, scale 0.1, 300 iterations, lr 1e-4, reuse")
-    p.add_argument("--scale", type=float, default=None, help="fetal_us_sim size relative to Table 1 (default 0.25)")
-    p.add_argument("--image-size", type=int, nargs=2, default=None, help="default 224 288")
-    p.add_argument("--iterations", type=int, default=None, help="default 10010 (the paper's)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--weight", type=float, default=0.01, help="lambda of the full model")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--features", default=None, choices=["fresh", "reuse"], help="adversary features (fresh)")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-5 (the paper's); --quick uses 1e-4")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--methods", nargs="+", default=["lambda0", "paper", "default"], help="of benchmarks/disentangle.py")
+    p.add_argument("--quick", action="store_true", help="tiny data and 4 iterations: checks that everything runs")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fetal-planes-db", default=None, help="FETAL_PLANES_DB folder: real data instead of simulated")
     p.add_argument("--holdout", nargs=2, default=["Fetal brain", "Aloka"], metavar=("PLANE", "MACHINE"))
     p.add_argument("--max-samples", type=int, default=None, help="FETAL_PLANES_DB: a random subset of rows")
-    p.add_argument("--out", default="runs/fetal_us")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--runs", default="runs/study", help="run directories (shared with benchmarks/disentangle.py)")
+    p.add_argument("--out", default=str(HERE / "results" / "fetal_us"))
     args = p.parse_args()
-    defaults = dict(scale=0.1, image_size=[64, 80], iterations=300, lr=1e-4, features="reuse") if args.quick else {}
-    full = {"scale": 0.25, "image_size": [224, 288], "iterations": 10010, "lr": 1e-5, "features": "fresh"}
-    for key, value in {**full, **defaults}.items():
-        if getattr(args, key) is None:  # explicit arguments win over --quick
-            setattr(args, key, value)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = "cpu" if device == "auto" else device
-
-    rows = []
+    torch.set_num_threads(args.threads)
+    shared = study()
+    methods = shared.METHODS
+    if "lambda0" not in args.methods:
+        raise SystemExit("--methods must include lambda0 (its branches are the single-task rows)")
+    workload = "fetal_planes_db" if args.fetal_planes_db else "fetal"
+    rows: list[dict[str, Any]] = []
+    curve_runs: dict[str, Path] = {}
     for seed in args.seeds:
-        data, roles = load_data(args, seed)
-        main_t, nuis = roles["main"], roles["nuisance"]
-        models = [
-            (f"{main_t} only", [main_t], 0.0),
-            (f"{nuis} only", [nuis], 0.0),
-            ("two tasks, lambda = 0", [main_t, nuis], 0.0),
-            (f"full model, lambda = {args.weight:g}", [main_t, nuis], args.weight),
-        ]
-        for label, tasks, weight in models:
-            e = experiment(args, data, tasks, weight, seed)
-            out = Path(args.out) / f"seed_{seed}" / label.replace(" ", "_").replace(",", "").replace("=", "")
-            splits = {name: only(data[name], tasks) for name in ("train", "val") if name in data}
-            start = time.perf_counter()
-            run = md.train(e, data=splits, out_dir=out, resume=(out / "checkpoints").is_dir(), quiet=args.quiet)
-            seconds = time.perf_counter() - start
-            model = run.model.to(device).eval()
-            cells = evaluate_model(model, data, roles, device)
-            rows.append({"model": label, "seed": seed, "seconds": seconds, "cells": cells})
-            print(f"seed {seed}, {label}: {rows[-1]['cells']} ({seconds:.0f} s)", flush=True)
-            if weight > 0:
-                probed = probe_other_task(model, data, roles, device)
-                label = "full model, features of the other task (MLP probe)"
-                rows.append({"model": label, "seed": seed, "cells": probed})
-    settings = {k: v for k, v in vars(args).items() if k not in {"out", "quiet"}}
-    md_table = table(rows, data, roles)
+        for method in args.methods:
+            e, data, roles = experiment(args, shared, method, seed)
+            out = Path(args.runs) / ("quick" if args.quick else "") / workload / method / f"seed_{seed}"
+            run, seconds = shared.train_once(e, data, out)
+            model = run.model.cpu().eval()
+            cells = accuracy_cells(model, data, roles)
+            report = md.evaluate(run, data=data, split="test", which="final", layers=("features",), device="cpu")
+            pair = (roles["main"], roles["nuisance"])
+            leakage = {
+                k: report.probes["features"][k].normalised[pair]
+                for k in ("linear", "mlp", "linear_conditional", "mlp_conditional")
+            }
+            rows.append({"row": method, "seed": seed, "seconds": seconds, "cells": cells, "leakage": leakage})
+            if method == "lambda0":  # the single-task networks (see the module docstring)
+                for task in (roles["main"], roles["nuisance"]):
+                    only = {k: v for k, v in cells.items() if k.split("/")[1] == task}
+                    rows.append({"row": f"{task} only", "seed": seed, "cells": only})
+            if method == "default":
+                rows.append({"row": "features of the other task", "seed": seed, "cells": other_task_cells(model, data)})
+            if seed == args.seeds[0]:
+                curve_runs[method] = out
+            unseen = cells.get("unseen/" + roles["main"])
+            print(f"seed {seed} {method}: unseen {unseen}, {seconds:.0f} s", flush=True)
+    order = [f"{roles['main']} only", f"{roles['nuisance']} only", *args.methods, "features of the other task"]
+    rows.sort(key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = md.machine_info()
+    settings = {"seeds": args.seeds, "methods": args.methods, "quick": args.quick, "workload": workload}
     (out / "results.json").write_text(json.dumps({"settings": settings, "machine": machine, "rows": rows}, indent=1))
-    header = f"# fetal_us\n\nSettings: {json.dumps(settings)}\n\nMachine: {json.dumps(machine)}\n\n"
-    (out / "results.md").write_text(header + md_table)
-    print(md_table)
-    print(f"written to {out}/results.md")
+    text = "\n".join(
+        [
+            f"# Fetal-US study ({workload})",
+            "",
+            f'Seeds {args.seeds}; base spec `md.preset("fetal_us_cpu")` with the library\'s default adversaries on '
+            f"reused features; machine: {json.dumps(machine)}.",
+            "",
+            "## Table 2 layout (accuracy %, mean ± std over seeds; the paper's numbers in italics)",
+            "",
+            table(rows, data, roles, paper=not args.fetal_planes_db),
+            "",
+            f"## Unseen combination and leakage of {roles['nuisance']} from the {roles['main']} features",
+            "",
+            leakage_table(rows, roles),
+            "",
+            "Leakage normalised: 0 at the majority rate (within each plane class for the conditional probes), 1 "
+            "perfect; probes fitted on `train`, scored on `test`.",
+            "",
+            f"## What the models call the images of `{roles['unseen']}` (% of predictions, all seeds)",
+            "",
+            confusion_table(rows, data, roles),
+            "",
+            "Methods: " + "; ".join(f"`{m}`: {methods[m][0]}" for m in args.methods) + ".",
+        ]
+    )
+    (out / "results.md").write_text(text + "\n")
+    curves(curve_runs, out / "curves.png", roles["main"])
+    print(text)
 
 
 if __name__ == "__main__":

@@ -19,40 +19,79 @@ def run(script, *args, cwd, ok=True):
 
 
 @pytest.mark.slow
-def test_disentangle_study_rows_selection_and_append(tmp_path):
-    tiny = ["--scale", "0.0625", "--iterations", "4", "--steps", "1", "--device", "cpu", "--out", str(tmp_path)]
-    run("disentangle.py", "--methods", "minmax", "conditional_select", "--seeds", "0", *tiny, cwd=tmp_path)
+def test_disentangle_study_rows_and_append(tmp_path):
+    common = ["--quick", "--threads", "1", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    run(
+        "disentangle.py",
+        "--workloads",
+        "shapes",
+        "shapes_n",
+        "--methods",
+        "lambda0",
+        "paper",
+        "--seeds",
+        "0",
+        *common,
+        cwd=tmp_path,
+    )
     result = json.loads((tmp_path / "results.json").read_text())
-    assert [(r["method"], r["seed"]) for r in result["rows"]] == [("minmax", 0), ("conditional_select", 0)]
-    plain, selected = result["rows"]
-    assert plain["evaluated"] == "final" and selected["evaluated"].startswith("best (iteration ")
-    for row in result["rows"]:
-        assert set(row["linear_leakage"]) == {"shape->background", "background->shape"}
-        assert 0.0 <= row["unseen_shape_accuracy"] <= 1.0
+    keys = [(r["workload"], r["method"], r["seed"]) for r in result["rows"]]
+    assert keys == [
+        ("shapes", "lambda0", 0),
+        ("shapes", "paper", 0),
+        ("shapes_n", "lambda0", 0),
+        ("shapes_n", "paper", 0),
+    ]
+    shapes_row, n_row = result["rows"][0], result["rows"][2]
+    assert set(shapes_row["linear_conditional_leakage"]) == {"shape->background"}
+    assert set(n_row["mlp_leakage"]) == {"shape->background", "shape->foreground", "shape->texture"}
+    assert len(shapes_row["unseen_confusion"]) == 2
     table = (tmp_path / "results.md").read_text()
-    assert "| minmax |" in table and "| conditional_select |" in table and '"scale": 0.0625' in table
-
-    # --append runs only what is missing, and refuses to mix settings
-    run("disentangle.py", "--append", "--methods", "minmax", "--seeds", "0", "1", *tiny, cwd=tmp_path)
+    assert "## shapes: unseen = shape accuracy on `unseen`" in table and "| paper |" in table
+    # --append runs only what is missing, and reuses finished runs
+    run(
+        "disentangle.py",
+        "--append",
+        "--workloads",
+        "shapes",
+        "--methods",
+        "lambda0",
+        "--seeds",
+        "0",
+        "1",
+        *common,
+        cwd=tmp_path,
+    )
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [(r["method"], r["seed"]) for r in rows] == [("minmax", 0), ("conditional_select", 0), ("minmax", 1)]
-    assert rows[0] == plain  # kept, not retrained
-    other = [a if a != "4" else "5" for a in tiny]
-    proc = run("disentangle.py", "--append", "--methods", "minmax", *other, cwd=tmp_path, ok=False)
-    assert "iterations: 4 there, 5 now" in proc.stderr
+    assert [(r["workload"], r["method"], r["seed"]) for r in rows] == [*keys, ("shapes", "lambda0", 1)]
+    assert rows[0] == shapes_row  # kept, not retrained
 
 
 @pytest.mark.slow
-def test_speed_harness_gates_and_times_both_paths(tmp_path):
-    proc = run("speed.py", "--grid", "quick", "--out", str(tmp_path), cwd=tmp_path)
-    assert "ratio" in proc.stdout
+def test_speed_benchmark_quick_gates_and_reports(tmp_path):
+    proc = run(
+        "speed.py",
+        "--quick",
+        "--threads",
+        "1",
+        "--only",
+        "gates",
+        "ratio",
+        "layout",
+        "--out",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
     result = json.loads((tmp_path / "speed_quick.json").read_text())
-    assert [r["tasks"] for r in result["results"]] == [2, 4]
-    for r in result["results"]:
-        assert r["stacked"]["iteration_s"] > 0 and r["separate"]["iteration_s"] > 0
-        assert r["gate_max_rel_diff"] <= 2e-3
-        assert r["ratio"] == pytest.approx(r["stacked"]["iteration_s"] / r["separate"]["iteration_s"], rel=1e-6)
-    assert "speed_quick" in proc.stdout and (tmp_path / "speed_quick.md").is_file()
+    assert set(result["gates"]) == {"N=2", "N=3"}
+    for gate in result["gates"].values():
+        assert gate["gram_loss"] <= 1e-4 and gate["gram_weights"] <= 1e-2 and gate["naive_loss"] <= 2e-3
+    for r in result["ratio"]:
+        assert r["ratio"] == pytest.approx(r["fast"]["iteration_s"] / r["naive"]["iteration_s"])
+    by_n = {r["tasks"]: r for r in result["layout"]}
+    # one network per source serves its 7 targets: 7x fewer first layers (the output layers are the same size)
+    assert by_n[8]["paper_pair"] / by_n[8]["paper_source"] == pytest.approx(7, rel=1e-3)
+    assert "Iteration time: fast / naive" in (tmp_path / "speed_quick.md").read_text() and "wrote" in proc.stdout
 
 
 @pytest.mark.slow

@@ -215,6 +215,7 @@ def test_compare_refuses_what_is_not_a_run_in_one_line(make, fragments, tmp_path
 
 def test_eval_skips_a_torn_metrics_line_with_one_warning(inline_run, tmp_path, capsys):
     import matplotlib  # noqa: F401 (the test extra installs it: figures are tested, not skipped)
+
     _, run = inline_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)

@@ -316,3 +316,17 @@ def test_paper_preset_hyperparameters_reach_the_optimisers():
     assert (
         isinstance(step.adversary_optimizer, torch.optim.SGD) and step.adversary_optimizer.defaults["momentum"] == 0.9
     )
+
+
+def test_without_an_adversary_term_each_branch_is_its_single_task_network():
+    # examples/fetal_us.py reports the lambda = 0 model's branches as the single-task networks; with separate
+    # encoders, lambda = 0 and reused features (adversaries only monitor) they are the same computation
+    both = toy_experiment(adversary={"weight": 0.0, "features": "reuse"}, training={"iterations": 5})
+    alone = toy_experiment(
+        tasks=[md.Task(name="a", num_classes=2)], adversary={"weight": 0.0}, training={"iterations": 5}
+    )
+    data = {"train": ToyDataset()}
+    a, b = md.train(both, data=data, quiet=True).model, md.train(alone, data=data, quiet=True).model
+    sa, sb = a.state_dict(), b.state_dict()
+    shared = [k for k in sb if k.startswith(("encoders.a.", "classifiers.a."))]
+    assert shared and all(torch.equal(sa[k], sb[k]) for k in shared)

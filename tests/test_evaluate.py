@@ -104,6 +104,7 @@ def test_unseen_combinations_are_told_apart_from_seen_ones(run):
 
 def test_report_saves_json_markdown_and_figures(run, tmp_path):
     import matplotlib  # noqa: F401 (the test extra installs it: figures are tested, not skipped)
+
     data = correlated_data()
     report = md.evaluate(run, data=data["test"], probe_data=data["train"])
     out = report.save(tmp_path / "eval", figures=True, metrics_file=run.out_dir / "metrics.jsonl")
@@ -155,6 +156,7 @@ def _spec_file(tmp_path, **training):
 @pytest.mark.slow
 def test_cli_eval_compare_and_sweep(toy_registered, tmp_path, capsys):
     import matplotlib  # noqa: F401 (the test extra installs it: figures are tested, not skipped)
+
     spec = _spec_file(tmp_path)
     runs = []
     for w in (0.0, 0.1):
@@ -216,6 +218,7 @@ def test_cli_eval_of_a_run_without_registered_data_says_so(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_trains_both_models_and_reports_seen_unseen_and_leakage(tmp_path, capsys, monkeypatch):
     import matplotlib  # noqa: F401 (the test extra installs it: figures are tested, not skipped)
+
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps table cells to the terminal width
     assert main(["demo", "--iterations", "4", "--out-dir", str(tmp_path), "--quiet"]) == 0
     printed = capsys.readouterr().out
