@@ -11,7 +11,8 @@ from torch import nn
 
 from ._errors import ComponentError, MtdisentError, SpecError, did_you_mean
 from ._heads import HeadGroup, MLPHead
-from ._registry import backbones
+from ._levers import Lever
+from ._registry import backbones, levers
 from ._spec import AdversaryPair, Component, Experiment
 from ._torch import eval_mode
 
@@ -133,6 +134,14 @@ class MultiTaskModel(nn.Module):
         }
         stacked = experiment.execution.heads in {"auto", "stacked"}
         self.classifiers = HeadGroup(classifiers, {t: experiment.head_for(t) for t in classifiers}, stacked)
+        self.levers: list[Lever] = [
+            levers.create(c.name, c.args, what=f"levers[{k}] {c.name!r}") for k, c in enumerate(experiment.levers)
+        ]
+        self.lever_modules = nn.ModuleDict()  # what the levers built, by their index in experiment.levers
+        for k, lever in enumerate(self.levers):
+            module = lever.build(self)
+            if module is not None:
+                self.lever_modules[str(k)] = module
         self.adversaries = HeadGroup(adversaries, dict.fromkeys(adversaries, experiment.adversary.head), stacked)
         self._pair_slots = slots
         self._shared = experiment.adversary.layout == "source"
@@ -156,8 +165,8 @@ class MultiTaskModel(nn.Module):
         return module if not self._shared else _Slice(module, offset, k)
 
     def main_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the encoders and classifiers (what the main step optimises)."""
-        return [*self.encoders.parameters(), *self.classifiers.parameters()]
+        """Parameters of the encoders, the levers' modules and the classifiers (what the main step optimises)."""
+        return [*self.encoders.parameters(), *self.lever_modules.parameters(), *self.classifiers.parameters()]
 
     def adversary_parameters(self) -> list[nn.Parameter]:
         """Parameters of the adversaries."""
@@ -189,10 +198,22 @@ class MultiTaskModel(nn.Module):
                 "scale them as the training images were, e.g. x.float() / 255 for 8-bit images in [0, 1]"
             )
 
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, C, H, W) -> ``{task: (B, D_task)}``, gradients as the current mode allows."""
+    def encode(self, x: torch.Tensor, labels: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """(B, C, H, W) -> ``{task: (B, D_task)}`` through the encoders and the levers, gradients as the mode allows.
+
+        ``labels`` are for the levers (given by the training main step).
+        """
         self._check_input(x)
-        return {name: self.encoders[name](x) for name in self.task_names}
+        return self.apply_levers({name: self.encoders[name](x) for name in self.task_names}, labels)
+
+    def apply_levers(
+        self, features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The levers' feature transforms (``Lever.features``), in spec order: ``{task: (B, D)}`` in and out."""
+        for k, lever in enumerate(self.levers):
+            module = self.lever_modules[str(k)] if str(k) in self.lever_modules else None
+            features = lever.features(module, features, labels, self.training)
+        return features
 
     def classify(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{task: (B, D)}`` -> ``{task: (B, classes)}`` logits."""

@@ -18,11 +18,12 @@ train in their own steps and then only monitor leakage.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from ._errors import signature_repr
 
 __all__ = ["Objective", "grad_reverse", "masked_pair_cross_entropy"]
 
@@ -146,5 +147,4 @@ class Objective:
         return masked_pair_cross_entropy(logits, targets)[0]
 
     def __repr__(self) -> str:
-        names = [n for n in inspect.signature(type(self)).parameters if hasattr(self, n)]
-        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
+        return signature_repr(self)

@@ -516,6 +516,8 @@ class Experiment(SpecModel):
         data: Dataset from the ``datasets`` registry.
         training: Training settings.
         execution: Execution path (stacked or separate heads); does not change results.
+        levers: Levers (plugins of the ``levers`` registry, applied in this order) that change how the model
+            trains: erasure layers, recombination of factors.
         seed: Seed for weights and data order.
         name: Optional human name of the experiment.
     """
@@ -530,6 +532,7 @@ class Experiment(SpecModel):
     data: Component | None = None
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    levers: list[Component] = Field(default_factory=list)
     seed: int = 0
     name: str | None = None
 
@@ -572,6 +575,8 @@ class Experiment(SpecModel):
             _check_component(t.backbone, "backbone", f"tasks[{i}].backbone (task {t.name!r})", info)
         _check_component(self.adversary.objective, "objective", "adversary.objective", info)
         _check_component(self.data, "dataset", "data", info)
+        for k, lever in enumerate(self.levers):
+            _check_component(lever, "lever", f"levers[{k}]", info)
         return self
 
     # -- derived views -------------------------------------------------------------------------------

@@ -206,12 +206,14 @@ class AdversarialStep(Step):
         model, tr, single, setup = self.model, self.experiment.training, self.objective.single_pass, self.setup
         model.train()
         x, y = self.feed.next()
+        for lever in model.levers:
+            x, y = lever.augment(self, x, y)
         terms: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {"lambda": lam}
         adversaries_frozen = contextlib.nullcontext() if single else _frozen_buffers(model.adversaries)
         with adversaries_frozen:  # the main step leaves the adversaries' BatchNorm statistics untouched
             with _no_grad_params([] if single else self.adversary_params), setup.autocast():
-                feats, logits = setup.main_net(x)  # {task: (B, D)}, {task: (B, K)}
+                feats, logits = setup.main_net(x, y)  # {task: (B, D)}, {task: (B, K)}
                 for task in model.task_names:
                     ce = masked_cross_entropy(logits[task].float(), y[task])
                     if ce is None:  # nobody labelled: a zero term keeps every parameter in the graph (DDP needs it)
