@@ -283,14 +283,16 @@ def check_lever(name: str, *, args: dict[str, Any] | None = None, iterations: in
 
     from ._engine import load, train
 
-    experiment = Experiment(
-        tasks=[{"name": "a", "num_classes": 2}, {"name": "b", "num_classes": 3}],
-        backbone={"name": "dltk_residual", "args": {"filters": [4, 8], "strides": [1, 2], "output": "pool"}},
-        input_shape=(1, 16, 16),
-        head={"hidden": [8]},
-        adversary={"head": {"hidden": [8]}, "steps": 2, "features": "reuse"},
-        levers=[{"name": name, "args": args or {}}],
-        training={"iterations": iterations, "batch_size": 20, "checkpoint_every": iterations, "device": "cpu"},
+    experiment = Experiment.model_validate(
+        dict(
+            tasks=[{"name": "a", "num_classes": 2}, {"name": "b", "num_classes": 3}],
+            backbone={"name": "dltk_residual", "args": {"filters": [4, 8], "strides": [1, 2], "output": "pool"}},
+            input_shape=(1, 16, 16),
+            head={"hidden": [8]},
+            adversary={"head": {"hidden": [8]}, "steps": 2, "features": "reuse"},
+            levers=[{"name": name, "args": args or {}}],
+            training={"iterations": iterations, "batch_size": 20, "checkpoint_every": iterations, "device": "cpu"},
+        )
     )
     label = f"lever {name!r}"
     with tempfile.TemporaryDirectory() as tmp:
