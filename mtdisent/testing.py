@@ -121,7 +121,9 @@ def check_objective(
     different class counts and partly unlabelled targets gives (P,) finite terms equal to the per-pair
     reference; ``feature_terms``, when the objective has them, gives (P,) finite terms, 0 for a pair without
     labelled samples; together the terms the main step uses give the features a gradient (through
-    ``adversary_input``); ``adversary_loss`` gives (P,) finite losses with a gradient to every adversary weight.
+    ``adversary_input``); ``adversary_loss`` gives (P,) finite losses with a gradient to every adversary weight;
+    an objective with ``combines_gradients`` is not ``single_pass``, and its ``combine_gradients`` keeps the shape,
+    stays finite and returns the task gradient unchanged when the adversary gradient is zero.
 
     Args:
         name: Registered objective name, or the objective class itself.
@@ -190,6 +192,19 @@ def check_objective(
     losses.sum().backward()
     missing = [f"pair {i}: {n}" for i, h in enumerate(heads[:-1]) for n, q in h.named_parameters() if q.grad is None]
     assert not missing, f"{label}: adversary parameters received no gradient: {missing}"
+    if objective.combines_gradients:
+        assert not objective.single_pass, f"{label}: combines_gradients cannot be combined with single_pass"
+        task, adversary = torch.randn(40), torch.randn(40)
+        combined = objective.combine_gradients(task.clone(), adversary.clone())
+        assert isinstance(combined, torch.Tensor) and combined.shape == task.shape, (
+            f"{label}: combine_gradients must return a vector of the gradients' shape {tuple(task.shape)}, "
+            f"got {getattr(combined, 'shape', combined)}"
+        )
+        _finite(combined, f"{label} combine_gradients")
+        alone = objective.combine_gradients(task.clone(), torch.zeros_like(adversary))
+        assert torch.allclose(alone, task, rtol=1e-6, atol=1e-7), (
+            f"{label}: with a zero adversary gradient combine_gradients must return the task gradient unchanged"
+        )
     return objective
 
 
