@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from ._data import ContractView, DataError, DataSource, is_tensor_backed, make_loader, sequential_batches
+from ._errors import MtdisentError
 from ._heads import MLPHead
-from ._model import build_backbone
+from ._model import _scale_paths, _ScaleCapture, build_backbone
 from ._objectives import Objective
 from ._registry import backbones, datasets, objectives
 from ._spec import Component, Experiment, HeadSpec
@@ -69,6 +70,9 @@ def check_backbone(
 ) -> nn.Module:
     """Check the backbone contract: (B, C, H, W) -> (B, D), ``num_features`` honest, gradients everywhere, no NaN.
 
+    A backbone with ``scale_modules()`` must return its own submodules, each run once per forward pass with an
+    output (B, C, *spatial).
+
     Args:
         name: Registered backbone name.
         args: Factory arguments.
@@ -103,6 +107,18 @@ def check_backbone(
     for n, p in module.named_parameters():
         if p.grad is not None:
             _finite(p.grad, f"backbone {name!r} gradient of {n}")
+    if callable(getattr(module, "scale_modules", None)):  # the optional scales contract (adversary.scales="all")
+        label = f"backbone {name!r}"
+        try:
+            paths = _scale_paths(module, label)
+            with _ScaleCapture({"": [module.get_submodule(p) for p in paths]}, {"": label}) as capture:
+                module(x)
+            pooled = capture.pooled()[""]
+        except MtdisentError as exc:
+            raise AssertionError(str(exc)) from exc
+        for i, s in enumerate(pooled):
+            assert s.ndim == 2 and s.shape[0] == batch_size, f"{label}: scale {i} pools to {tuple(s.shape)}"
+            _finite(s, f"{label} scale {i}")
     return module
 
 

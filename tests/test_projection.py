@@ -57,6 +57,7 @@ def trainer(
     ensemble=1,
     l2=0.0,
     lr=0.1,
+    scales="last",
     objective="projection",
     tasks=("a", "b", "c"),
 ):
@@ -75,6 +76,7 @@ def trainer(
             "reinit_every": 0,
             "conditional": conditional,
             "layout": layout,
+            "scales": scales,
         },
         pairs=[md.Pair(source="a", target="b", weight=2.0)] if "b" in tasks else [],
         training={
@@ -132,6 +134,7 @@ CONFIGS = [
     dict(heads="stacked", layout="pair", conditional=False, ensemble=1),
     dict(heads="separate", layout="pair", conditional=True, ensemble=2),
     dict(heads="stacked", layout="source", conditional=True, ensemble=2),
+    dict(heads="stacked", layout="pair", conditional=True, ensemble=1, scales="all"),
 ]
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import ComponentError, MtdisentError, SpecError
-from .._model import MultiTaskModel
+from .._model import MultiTaskModel, map_features
 from .._objectives import Objective
 from .._spec import Experiment
 from ._distributed import all_true
@@ -295,7 +295,7 @@ class AdversarialStep(Step):
             if single and self.adversary_optimizer is not None:
                 self.adversary_optimizer.step()
         metrics["loss/main"] = float(loss.detach())
-        return metrics, {t: f.detach() for t, f in feats.items()}, y
+        return metrics, map_features(feats, torch.Tensor.detach), y
 
     def _combined_backward(self, task_loss: torch.Tensor, adversarial: torch.Tensor | None) -> dict[str, float]:
         """Set ``.grad`` of the main parameters for an objective with ``combines_gradients``.
