@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from ._data import ContractView, DataError, DataSource, is_tensor_backed, make_loader, sequential_batches
+from ._errors import MtdisentError
 from ._heads import MLPHead
-from ._model import build_backbone
+from ._model import _scale_paths, _ScaleCapture, build_backbone
 from ._objectives import Objective
 from ._registry import backbones, datasets, objectives
 from ._spec import Component, Experiment, HeadSpec
@@ -69,6 +70,9 @@ def check_backbone(
 ) -> nn.Module:
     """Check the backbone contract: (B, C, H, W) -> (B, D), ``num_features`` honest, gradients everywhere, no NaN.
 
+    A backbone with ``scale_modules()`` must return its own submodules, each run once per forward pass with an
+    output (B, C, *spatial).
+
     Args:
         name: Registered backbone name.
         args: Factory arguments.
@@ -103,6 +107,18 @@ def check_backbone(
     for n, p in module.named_parameters():
         if p.grad is not None:
             _finite(p.grad, f"backbone {name!r} gradient of {n}")
+    if callable(getattr(module, "scale_modules", None)):  # the optional scales contract (adversary.scales="all")
+        label = f"backbone {name!r}"
+        try:
+            paths = _scale_paths(module, label)
+            with _ScaleCapture({"": [module.get_submodule(p) for p in paths]}, {"": label}) as capture:
+                module(x)
+            pooled = capture.pooled()[""]
+        except MtdisentError as exc:
+            raise AssertionError(str(exc)) from exc
+        for i, s in enumerate(pooled):
+            assert s.ndim == 2 and s.shape[0] == batch_size, f"{label}: scale {i} pools to {tuple(s.shape)}"
+            _finite(s, f"{label} scale {i}")
     return module
 
 
@@ -121,7 +137,9 @@ def check_objective(
     different class counts and partly unlabelled targets gives (P,) finite terms equal to the per-pair
     reference; ``feature_terms``, when the objective has them, gives (P,) finite terms, 0 for a pair without
     labelled samples; together the terms the main step uses give the features a gradient (through
-    ``adversary_input``); ``adversary_loss`` gives (P,) finite losses with a gradient to every adversary weight.
+    ``adversary_input``); ``adversary_loss`` gives (P,) finite losses with a gradient to every adversary weight;
+    an objective with ``combines_gradients`` is not ``single_pass``, and its ``combine_gradients`` keeps the shape,
+    stays finite and returns the task gradient unchanged when the adversary gradient is zero.
 
     Args:
         name: Registered objective name, or the objective class itself.
@@ -190,6 +208,19 @@ def check_objective(
     losses.sum().backward()
     missing = [f"pair {i}: {n}" for i, h in enumerate(heads[:-1]) for n, q in h.named_parameters() if q.grad is None]
     assert not missing, f"{label}: adversary parameters received no gradient: {missing}"
+    if objective.combines_gradients:
+        assert not objective.single_pass, f"{label}: combines_gradients cannot be combined with single_pass"
+        task, adversary = torch.randn(40), torch.randn(40)
+        combined = objective.combine_gradients(task.clone(), adversary.clone())
+        assert isinstance(combined, torch.Tensor) and combined.shape == task.shape, (
+            f"{label}: combine_gradients must return a vector of the gradients' shape {tuple(task.shape)}, "
+            f"got {getattr(combined, 'shape', combined)}"
+        )
+        _finite(combined, f"{label} combine_gradients")
+        alone = objective.combine_gradients(task.clone(), torch.zeros_like(adversary))
+        assert torch.allclose(alone, task, rtol=1e-6, atol=1e-7), (
+            f"{label}: with a zero adversary gradient combine_gradients must return the task gradient unchanged"
+        )
     return objective
 
 

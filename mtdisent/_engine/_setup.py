@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._errors import SpecError
-from .._model import MultiTaskModel
+from .._model import MultiTaskModel, map_features
 from .._spec import Experiment, OptimizerSpec
 from ._distributed import DistInfo
 
@@ -70,7 +70,7 @@ class _AdvNet(nn.Module):
         weights: torch.Tensor | None,
         labels: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        inputs = feats.float() if isinstance(feats, torch.Tensor) else {k: v.float() for k, v in feats.items()}
+        inputs = feats.float() if isinstance(feats, torch.Tensor) else map_features(feats, torch.Tensor.float)
         return self._logits(inputs, transform, weights, labels)  # (P, B, K_max)
 
 
@@ -126,11 +126,10 @@ def prepare(
     encoders: dict[str, Any] = dict(model.encoders.items())
     if tr.compile:
         encoders = {t: torch.compile(m) for t, m in encoders.items()}
-    names = list(model.task_names)
 
     def encode(x: torch.Tensor, labels: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         x = x.contiguous(memory_format=memory_format)
-        return model.apply_levers({t: encoders[t](x) for t in names}, labels)  # {task: (B, D)}
+        return model.encode_with(encoders, x, labels)  # {task: (B, D)} (+ pooled scales, adversary.scales="all")
 
     main_net: nn.Module = _MainNet(model, encode)
     plain: nn.Module = _AdvNet(model)
