@@ -9,7 +9,8 @@ the ``mtdisent.levers`` registry (entry-point group ``mtdisent.levers``), like e
   adversaries), in training and at inference; ``labels`` are given in training (update statistics then) and
   ``None`` otherwise;
 * :meth:`Lever.augment` change a training batch before the main step (synthesise factor combinations, for
-  example); it sees the step, so it may run the model.
+  example); it sees the step, so it may run the model;
+* :meth:`Lever.metrics` report what its last training step did (logged with the main step's metrics).
 
 Levers run in the order the spec lists them. A lever that only acts in training need not build anything; one
 that builds a module is needed (as a plugin) to load the model, as a backbone is.
@@ -67,6 +68,13 @@ class Lever:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Change the main step's batch ``(x (B, C, H, W), {task: (B,)})`` before it is used (training only)."""
         return x, y
+
+    def metrics(self) -> dict[str, float]:
+        """Metrics of the lever's part in the current main step (read right after :meth:`augment`), logged with it.
+
+        Name keys after the lever (``"recombine/flipped"``) so that they cannot collide with the step's own.
+        """
+        return {}
 
     def __repr__(self) -> str:
         return signature_repr(self)

@@ -249,10 +249,11 @@ class AdversarialStep(Step):
         model, tr, single, setup = self.model, self.experiment.training, self.objective.single_pass, self.setup
         model.train()
         x, y = self.feed.next()
+        metrics: dict[str, float] = {"lambda": lam}
         for lever in model.levers:
             x, y = lever.augment(self, x, y)
+            metrics.update(lever.metrics())
         terms: dict[str, torch.Tensor] = {}
-        metrics: dict[str, float] = {"lambda": lam}
         adversaries_frozen = contextlib.nullcontext() if single else _frozen_buffers(model.adversaries)
         # combined gradients are averaged over processes by hand (DDP's hooks see no .backward())
         manual_sync = self.combine and setup.dist.enabled
