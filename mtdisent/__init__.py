@@ -20,12 +20,13 @@ from ._errors import (
     did_you_mean,
 )
 from ._evaluate import Report, evaluate
+from ._levers import Lever
 from ._machine import machine_info
 from ._model import ModelOutput, MultiTaskModel, build_model
 from ._objectives import Objective, grad_reverse, masked_pair_cross_entropy
 from ._plots import FigureWarning
 from ._presets import preset
-from ._registry import Registry, backbones, datasets, list_plugins, objectives, register
+from ._registry import Registry, backbones, datasets, levers, list_plugins, objectives, register
 from ._spec import (
     AdversaryPair,
     AdversarySpec,
@@ -75,8 +76,10 @@ __all__ = [
     "backbones",
     "objectives",
     "datasets",
+    "levers",
     "list_plugins",
     "Objective",
+    "Lever",
     "grad_reverse",
     "masked_pair_cross_entropy",
     "did_you_mean",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterable
 from difflib import get_close_matches
@@ -78,6 +79,12 @@ def with_context(exc: MtdisentError, context: str) -> MtdisentError:
     if isinstance(exc, SpecError) and isinstance(new, SpecError):
         new.errors = exc.errors
     return new
+
+
+def signature_repr(obj: Any) -> str:
+    """``Name(arg=value, ...)`` for a component whose constructor parameters are stored as attributes."""
+    names = [n for n in inspect.signature(type(obj)).parameters if hasattr(obj, n)]
+    return f"{type(obj).__name__}({', '.join(f'{n}={getattr(obj, n)!r}' for n in names)})"
 
 
 def warn_plugin(message: str) -> None:

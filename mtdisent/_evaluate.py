@@ -18,7 +18,7 @@ from ._data import DataError, DataSource, resolve_data, task_classes
 from ._engine import Run
 from ._engine._checkpoint import load_with_provenance
 from ._errors import MtdisentError
-from ._model import MultiTaskModel
+from ._model import MultiTaskModel, map_features
 from ._torch import eval_mode
 from .evaluation import (
     Accuracy,
@@ -499,8 +499,9 @@ def evaluate(
     eval_set = _split(data, model, split, "test")
     split_name = split or "test" if _has_splits(data) else "given dataset"
     feats, labels = collect_features(model, eval_set, batch_size=batch_size, layer="features", device=device)
+    on_device = map_features(feats, lambda f: f.to(device))  # keeps the pooled scales (adversary.scales="all")
     with torch.no_grad(), eval_mode(model):
-        logits = model.classify({t: f.to(device) for t, f in feats.items()})
+        logits = model.classify(on_device)
     preds = {t: logits[t].argmax(-1).cpu() for t in tasks}
     accuracy = Accuracy(task_classes(model.experiment))  # the metric objects validation uses too
     values: dict[str, float] = {}
@@ -508,9 +509,7 @@ def evaluate(
         m.reset()
         m.update(logits, labels)
         values.update(m.compute())
-    adv_acc, adv_maj = _adversary_accuracy(
-        model, {t: f.to(device) for t, f in feats.items()}, {t: v.to(device) for t, v in labels.items()}
-    )
+    adv_acc, adv_maj = _adversary_accuracy(model, on_device, {t: v.to(device) for t, v in labels.items()})
     report = Report(tasks, accuracy.task_metrics(), adv_acc, adv_maj, info={"n_eval": len(next(iter(labels.values())))})
     report.values = values
     report.labels = labels

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -11,11 +11,12 @@ from torch import nn
 
 from ._errors import ComponentError, MtdisentError, SpecError, did_you_mean
 from ._heads import HeadGroup, MLPHead
-from ._registry import backbones
+from ._levers import Lever
+from ._registry import backbones, levers
 from ._spec import AdversaryPair, Component, Experiment
 from ._torch import eval_mode
 
-__all__ = ["MultiTaskModel", "ModelOutput", "build_model", "build_backbone"]
+__all__ = ["MultiTaskModel", "ModelOutput", "Features", "map_features", "build_model", "build_backbone"]
 
 
 class AdversaryHead(NamedTuple):
@@ -44,15 +45,121 @@ class ModelOutput(NamedTuple):
     adversary_logits: dict[str, torch.Tensor]
 
 
+class Features(dict[str, torch.Tensor]):
+    """``{task: (B, D_task)}`` encoder features, as :meth:`MultiTaskModel.encode` returns them.
+
+    A plain dict of the (levers') last features, which the classifiers read. With ``adversary.scales="all"`` it
+    also carries what the adversaries read besides them.
+
+    Attributes:
+        scales: ``{task: (B, S_task)}`` for every task whose encoder feeds adversaries (``adversary.scales="all"``;
+            empty otherwise): the global-average-pooled outputs of the modules the backbone's ``scale_modules()``
+            returns, concatenated shallow to deep (``S_task`` = the sum of their channel counts).
+    """
+
+    def __init__(self, features: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor] | None = None) -> None:
+        super().__init__(features)
+        self.scales: dict[str, torch.Tensor] = dict(scales or {})
+
+    def __reduce__(self) -> Any:
+        return (Features, (dict(self), self.scales))
+
+
+def map_features(features: Mapping[str, torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+    """``fn`` applied to every feature tensor and, for :class:`Features`, to every pooled scale too.
+
+    What detaching, casting or moving features needs so that the adversaries can still read their scales.
+    """
+    out = {k: fn(v) for k, v in features.items()}
+    scales = getattr(features, "scales", None)
+    return Features(out, {k: fn(v) for k, v in scales.items()}) if scales is not None else out
+
+
+def _pool(output: Any) -> torch.Tensor | str:
+    """(B, C, *spatial) -> (B, C): the mean over the spatial dimensions of one scale's output (else what it was)."""
+    if not isinstance(output, torch.Tensor) or output.ndim < 2:
+        return str(tuple(output.shape)) if isinstance(output, torch.Tensor) else type(output).__name__
+    return output.mean(dim=tuple(range(2, output.ndim))) if output.ndim > 2 else output  # (B, C)
+
+
+class _ScaleCapture:
+    """Forward hooks that pool the outputs of each encoder's scale modules during one forward pass.
+
+    Used as a context manager around the encoders' forward; :meth:`pooled` then gives ``{task: [(B, C_s), ...]}``
+    shallow to deep. Each scale module must run exactly once per forward.
+    """
+
+    def __init__(self, modules: Mapping[str, list[nn.Module]], labels: Mapping[str, str]) -> None:
+        self.modules, self.labels = modules, labels
+        self.slots: dict[str, list[torch.Tensor | str | None]] = {t: [None] * len(m) for t, m in modules.items()}
+        self.repeated: list[str] = []
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _ScaleCapture:
+        for task, modules in self.modules.items():
+            for i, module in enumerate(modules):
+
+                def hook(_m: nn.Module, _in: Any, out: Any, task: str = task, i: int = i) -> None:
+                    if self.slots[task][i] is not None:
+                        self.repeated.append(task)
+                    self.slots[task][i] = _pool(out)
+
+                self.handles.append(module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def pooled(self) -> dict[str, list[torch.Tensor]]:
+        """``{task: [(B, C_s) per scale]}``; an error naming the backbone if a scale module ran twice or never."""
+        out = {}
+        for task, slots in self.slots.items():
+            if task in self.repeated or any(s is None for s in slots):
+                raise ComponentError(
+                    f"{self.labels[task]}: each module scale_modules() returns must run exactly once per forward pass "
+                    f"(adversary.scales='all'); "
+                    + ("one ran twice" if task in self.repeated else "one did not run (or a wrapper skipped its hooks)")
+                )
+            bad = [s for s in slots if isinstance(s, str)]
+            if bad:
+                raise ComponentError(
+                    f"{self.labels[task]}: a module from scale_modules() returned {bad[0]}; expected (B, C, *spatial)"
+                )
+            out[task] = [s for s in slots if isinstance(s, torch.Tensor)]
+        return out
+
+
+def _scale_paths(encoder: nn.Module, label: str) -> list[str]:
+    """Names (within ``encoder``) of the modules its ``scale_modules()`` returns; a SpecError if it has none."""
+    fn = getattr(encoder, "scale_modules", None)
+    if not callable(fn):
+        raise SpecError(
+            f"adversary.scales: 'all' reads every scale of the encoders, but {label} does not expose its scales "
+            "(no scale_modules() method); use adversary.scales='last' or a backbone with scales (dltk_residual)"
+        )
+    modules = list(fn())
+    names = {id(m): n for n, m in encoder.named_modules()}
+    if not modules or any(not isinstance(m, nn.Module) or id(m) not in names for m in modules):
+        raise ComponentError(f"{label}: scale_modules() must return a non-empty list of the backbone's own submodules")
+    return [names[id(m)] for m in modules]
+
+
 def build_backbone(component: Component, in_channels: int, *, what: str = "backbone") -> nn.Module:
     """Instantiate a backbone from its spec; errors name the backbone and the bad argument."""
     return backbones.create(component.name, component.args, what=f"{what} {component.name!r}", in_channels=in_channels)
 
 
-def _feature_size(module: nn.Module, input_shape: tuple[int, int, int], label: str) -> int:
-    """D of a backbone: a dry forward of two zero images in eval mode, checked against ``num_features``."""
+def _feature_size(
+    module: nn.Module, input_shape: tuple[int, int, int], label: str, scales: list[str] | None = None
+) -> tuple[int, list[int]]:
+    """D of a backbone and the widths of its ``scales`` (module names): a dry forward of two zero images in eval mode.
+
+    D is checked against ``num_features``.
+    """
+    capture = _ScaleCapture({"": [module.get_submodule(n) for n in scales or []]}, {"": label})
     try:
-        with eval_mode(module), torch.no_grad():
+        with eval_mode(module), torch.no_grad(), capture:
             out = module(torch.zeros(2, *input_shape))  # (2, C, H, W) -> (2, D)
     except Exception as exc:
         raise ComponentError(
@@ -64,7 +171,7 @@ def _feature_size(module: nn.Module, input_shape: tuple[int, int, int], label: s
     declared = getattr(module, "num_features", None)
     if isinstance(declared, int) and declared != out.shape[1]:
         raise ComponentError(f"{label} declares num_features={declared} but returned D={out.shape[1]}")
-    return int(out.shape[1])
+    return int(out.shape[1]), [int(s.shape[1]) for s in capture.pooled()[""]]
 
 
 class MultiTaskModel(nn.Module):
@@ -98,18 +205,27 @@ class MultiTaskModel(nn.Module):
         self.pairs: list[AdversaryPair] = experiment.adversary_pairs()
         self.encoders = nn.ModuleDict()
         self.feature_sizes: dict[str, int] = {}
-        sizes: dict[str, int] = {}  # D per backbone spec, one dry forward per distinct spec
+        # adversary.scales="all": per source task, the names of its encoder's scale modules and their widths
+        self.scale_sizes: dict[str, list[int]] = {}
+        self._scale_paths: dict[str, list[str]] = {}
+        self._backbone_labels: dict[str, str] = {}
+        sources = {p.source for p in self.pairs} if experiment.adversary.scales == "all" else set()
+        sizes: dict[str, tuple[int, list[int]]] = {}  # per backbone spec, one dry forward per distinct spec
         classifiers: dict[str, MLPHead] = {}
         for task in experiment.tasks:
             comp = experiment.backbone_for(task.name)
             label = f"backbone {comp.name!r} of task {task.name!r}"
             encoder = build_backbone(comp, shape[0], what=f"task {task.name!r}: backbone")
-            key = comp.model_dump_json()
+            paths = _scale_paths(encoder, label) if task.name in sources else None
+            key = comp.model_dump_json() + str(paths is not None)
             if key not in sizes:
-                sizes[key] = _feature_size(encoder, self.input_shape, label)
+                sizes[key] = _feature_size(encoder, self.input_shape, label, paths)
             self.encoders[task.name] = encoder
-            self.feature_sizes[task.name] = sizes[key]
-            classifiers[task.name] = MLPHead(sizes[key], task.n_classes, experiment.head_for(task.name))
+            self.feature_sizes[task.name] = sizes[key][0]
+            self._backbone_labels[task.name] = label
+            if paths is not None:
+                self._scale_paths[task.name], self.scale_sizes[task.name] = paths, sizes[key][1]
+            classifiers[task.name] = MLPHead(sizes[key][0], task.n_classes, experiment.head_for(task.name))
         self.conditional = experiment.adversary.conditional
         extra = {t.name: t.n_classes if self.conditional else 0 for t in experiment.tasks}  # one-hot own label
         self.pair_classes = [experiment.task(p.target).n_classes for p in self.pairs]
@@ -127,12 +243,21 @@ class MultiTaskModel(nn.Module):
                 self.adversary_heads.append(AdversaryHead(name, p.source, p.member))
             slots.append(([h.name for h in self.adversary_heads].index(name), outputs[name], k))
             outputs[name] += k
+        adv_head = experiment.adversary.head
         adversaries = {
-            h.name: MLPHead(self.feature_sizes[h.source] + extra[h.source], outputs[h.name], experiment.adversary.head)
+            h.name: MLPHead(self.adversary_input_size(h.source) + extra[h.source], outputs[h.name], adv_head)
             for h in self.adversary_heads
         }
         stacked = experiment.execution.heads in {"auto", "stacked"}
         self.classifiers = HeadGroup(classifiers, {t: experiment.head_for(t) for t in classifiers}, stacked)
+        self.levers: list[Lever] = [
+            levers.create(c.name, c.args, what=f"levers[{k}] {c.name!r}") for k, c in enumerate(experiment.levers)
+        ]
+        self.lever_modules = nn.ModuleDict()  # what the levers built, by their index in experiment.levers
+        for k, lever in enumerate(self.levers):
+            module = lever.build(self)
+            if module is not None:
+                self.lever_modules[str(k)] = module
         self.adversaries = HeadGroup(adversaries, dict.fromkeys(adversaries, experiment.adversary.head), stacked)
         self._pair_slots = slots
         self._shared = experiment.adversary.layout == "source"
@@ -155,9 +280,13 @@ class MultiTaskModel(nn.Module):
         module = self.adversaries[self.adversary_heads[head].name]
         return module if not self._shared else _Slice(module, offset, k)
 
+    def adversary_input_size(self, source: str) -> int:
+        """Features an adversary of ``source`` reads before any one-hot label: D, plus the scale widths with "all"."""
+        return self.feature_sizes[source] + sum(self.scale_sizes.get(source, []))
+
     def main_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the encoders and classifiers (what the main step optimises)."""
-        return [*self.encoders.parameters(), *self.classifiers.parameters()]
+        """Parameters of the encoders, the levers' modules and the classifiers (what the main step optimises)."""
+        return [*self.encoders.parameters(), *self.lever_modules.parameters(), *self.classifiers.parameters()]
 
     def adversary_parameters(self) -> list[nn.Parameter]:
         """Parameters of the adversaries."""
@@ -189,10 +318,44 @@ class MultiTaskModel(nn.Module):
                 "scale them as the training images were, e.g. x.float() / 255 for 8-bit images in [0, 1]"
             )
 
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, C, H, W) -> ``{task: (B, D_task)}``, gradients as the current mode allows."""
+    def encode(self, x: torch.Tensor, labels: dict[str, torch.Tensor] | None = None) -> Features:
+        """(B, C, H, W) -> ``{task: (B, D_task)}`` through the encoders and the levers, gradients as the mode allows.
+
+        ``labels`` are for the levers (given by the training main step). With ``adversary.scales="all"`` the
+        result also carries the encoders' pooled scales (:class:`Features`).
+        """
         self._check_input(x)
-        return {name: self.encoders[name](x) for name in self.task_names}
+        return self.encode_with(self.encoders, x, labels)
+
+    def encode_with(
+        self,
+        encoders: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | nn.ModuleDict,
+        x: torch.Tensor,
+        labels: dict[str, torch.Tensor] | None = None,
+    ) -> Features:
+        """:meth:`encode` through other callables for the encoders (compiled ones, for example); input not checked.
+
+        With ``adversary.scales="all"`` forward hooks on the modules each source encoder's ``scale_modules()``
+        named pool their outputs during this very forward pass, so features and scales come from the same batch.
+        The hooks sit on ``self.encoders``' submodules: ``encoders`` must run those modules and their hooks
+        (``torch.compile`` of them does; a wrapper that skips them is reported as a scale module that did not run).
+        """
+        if not self._scale_paths:
+            return Features(self.apply_levers({t: encoders[t](x) for t in self.task_names}, labels))
+        modules = {t: [self.encoders[t].get_submodule(n) for n in paths] for t, paths in self._scale_paths.items()}
+        with _ScaleCapture(modules, self._backbone_labels) as capture:
+            raw = {t: encoders[t](x) for t in self.task_names}  # {task: (B, D)}
+        scales = {t: torch.cat(pooled, dim=1) for t, pooled in capture.pooled().items()}  # {task: (B, S_task)}
+        return Features(self.apply_levers(raw, labels), scales)
+
+    def apply_levers(
+        self, features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The levers' feature transforms (``Lever.features``), in spec order: ``{task: (B, D)}`` in and out."""
+        for k, lever in enumerate(self.levers):
+            module = self.lever_modules[str(k)] if str(k) in self.lever_modules else None
+            features = lever.features(module, features, labels, self.training)
+        return features
 
     def classify(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{task: (B, D)}`` -> ``{task: (B, classes)}`` logits."""
@@ -203,21 +366,34 @@ class MultiTaskModel(nn.Module):
     ) -> list[torch.Tensor]:
         """What each adversary network reads, in ``self.adversary_heads`` order: G tensors (B, D_source).
 
-        With conditional adversaries (``adversary.conditional``) the source task's one-hot label is appended,
-        (B, D + K_source), zeros where the label is -1.
+        With ``adversary.scales="all"`` the source encoder's pooled scales follow its features,
+        (B, D + S_source) (``features`` must then be what :meth:`encode` returned, a :class:`Features`). With
+        conditional adversaries (``adversary.conditional``) the source task's one-hot label is appended,
+        (B, D [+ S] + K_source), zeros where the label is -1.
         """
+        sources = dict.fromkeys(h.source for h in self.adversary_heads)
+        inputs = {t: features[t] for t in sources}  # {source: (B, D)}
+        if self.scale_sizes:
+            scales = getattr(features, "scales", {})
+            missing = [t for t in sources if t not in scales]
+            if missing:
+                raise MtdisentError(
+                    f"adversary.scales='all': the adversaries read the pooled scales of task {missing[0]!r}'s encoder, "
+                    "which these features do not carry; pass what model.encode or model.features returned (Features)"
+                )
+            inputs = {t: torch.cat([v, scales[t].to(v.dtype)], dim=1) for t, v in inputs.items()}  # (B, D + S)
         if not self.conditional:
-            return [features[h.source] for h in self.adversary_heads]
+            return [inputs[h.source] for h in self.adversary_heads]
         if labels is None:
             raise MtdisentError(
                 "conditional adversaries (adversary.conditional=true) read each source task's label: pass labels"
             )
         onehot = {}
-        for t in {h.source for h in self.adversary_heads}:
+        for t in sources:
             y = labels[t]
             k = self.experiment.task(t).n_classes
-            onehot[t] = F.one_hot(y.clamp(min=0), k).to(features[t].dtype) * (y >= 0)[:, None]  # (B, K)
-        return [torch.cat([features[h.source], onehot[h.source]], dim=1) for h in self.adversary_heads]
+            onehot[t] = F.one_hot(y.clamp(min=0), k).to(inputs[t].dtype) * (y >= 0)[:, None]  # (B, K)
+        return [torch.cat([inputs[h.source], onehot[h.source]], dim=1) for h in self.adversary_heads]
 
     def stack_adversary_inputs(
         self, features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor] | None = None

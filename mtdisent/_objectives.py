@@ -14,15 +14,21 @@ An objective may also penalise dependence directly, without an adversary: :meth:
 sees each pair's source features and target labels (an HSIC penalty, for example). One that sets
 ``uses_adversaries = False`` is not given adversary logits in the main step at all; the adversaries still
 train in their own steps and then only monitor leakage.
+
+An objective may instead change how the encoders' gradient is formed (``combines_gradients = True``, as the
+gradient projection of Zhang, Lemoine & Mitchell 2018 does): the main step then takes two gradients per encoder,
+one of the task losses and one of the adversarial pair terms, and the encoder follows
+:meth:`Objective.combine_gradients` of the two. Objectives that leave it ``False`` cost nothing extra.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from ._errors import signature_repr
 
 __all__ = ["Objective", "grad_reverse", "masked_pair_cross_entropy"]
 
@@ -63,19 +69,23 @@ class Objective:
     """Base class of adversarial objectives.
 
     Subclasses override :meth:`encoder_term` (and optionally :meth:`encoder_terms`, :meth:`adversary_input`,
-    :meth:`adversary_loss`, :meth:`feature_terms`). A subclass's constructor arguments are its spec arguments
-    (``{"name": "my_objective", "args": {...}}``); the registry rejects unknown ones by name, so a subclass
-    declares them as keyword parameters of ``__init__`` and stores each under the same attribute name.
+    :meth:`adversary_loss`, :meth:`feature_terms`, :meth:`combine_gradients`). A subclass's constructor arguments
+    are its spec arguments (``{"name": "my_objective", "args": {...}}``); the registry rejects unknown ones by name,
+    so a subclass declares them as keyword parameters of ``__init__`` and stores each under the same attribute name.
 
     Attributes:
         single_pass: If true, the main step's backward also trains the adversaries (gradient reversal):
             the engine steps the adversary optimiser after the main step as well.
         uses_adversaries: If false, the main step skips the adversaries (no :meth:`encoder_terms` call);
             the objective acts through :meth:`feature_terms` alone.
+        combines_gradients: If true, the main step forms each encoder's gradient with :meth:`combine_gradients`
+            from two gradients (task losses; adversarial pair terms) instead of back-propagating their sum. It
+            cannot be combined with ``single_pass``.
     """
 
     single_pass: ClassVar[bool] = False
     uses_adversaries: bool = True
+    combines_gradients: ClassVar[bool] = False
 
     def __init__(self) -> None:
         pass
@@ -141,10 +151,35 @@ class Objective:
         """
         return None
 
+    def combine_gradients(self, task: torch.Tensor, adversary: torch.Tensor) -> torch.Tensor:
+        """One encoder's gradient from its two parts; called only when ``combines_gradients`` is true.
+
+        The main step then takes, for each encoder (and each lever module with parameters) separately and over
+        its whole parameter vector flattened in ``parameters()`` order:
+
+        * ``task``: the gradient of the task losses (and of :meth:`feature_terms`, if any);
+        * ``adversary``: the gradient of the sum of the pair terms :meth:`encoder_terms` returns, computed
+          from the adversaries' main-step logits (weighted as that method weights them),
+
+        and the module's gradient becomes what this returns; the classifier heads get their task gradient only.
+        L2 regularisation is added afterwards and the optimiser steps as usual. The two gradients cost one extra
+        backward pass from the adversaries' logits to the encoders. Under DDP both are averaged over the
+        processes before this is called.
+
+        Args:
+            task: (n,) task gradient of one module.
+            adversary: (n,) gradient of the adversarial terms for the same module (zeros when none reach it).
+
+        Returns:
+            (n,) the module's gradient. With a zero ``adversary`` it must return ``task`` unchanged
+            (:func:`mtdisent.testing.check_objective` checks it). The default, ``task + adversary``, is what
+            one backward pass of the summed loss gives.
+        """
+        return task + adversary
+
     def adversary_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """What the adversaries minimise: (P, B, K_max), (P, B) -> (P,) cross-entropy per pair."""
         return masked_pair_cross_entropy(logits, targets)[0]
 
     def __repr__(self) -> str:
-        names = [n for n in inspect.signature(type(self)).parameters if hasattr(self, n)]
-        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
+        return signature_repr(self)

@@ -27,6 +27,12 @@ class Backbone(Protocol):
     Attributes:
         num_features: D, when the backbone knows it (as timm models do); ``None`` or absent otherwise, then
             mtdisent finds D with a dry forward pass. A declared value must be the truth.
+
+    Optional method ``scale_modules() -> list[nn.Module]`` (needed only for ``adversary.scales="all"``): the
+    backbone's own submodules whose outputs are its scales, shallow to deep, each output (B, C_s, *spatial) and
+    each module run exactly once per forward pass. mtdisent captures their outputs with forward hooks and pools
+    each over its spatial dimensions to (B, C_s). ``dltk_residual`` returns its stem and the last residual unit of
+    every further scale.
     """
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...

@@ -30,12 +30,23 @@ from ._errors import (
     warn_plugin,
     with_context,
 )
+from ._levers import Lever
 from ._objectives import Objective
 
 if TYPE_CHECKING:
     from ._protocols import BackboneFactory, DatasetFactory
 
-__all__ = ["Registry", "ComponentInfo", "backbones", "objectives", "datasets", "register", "list_plugins", "REGISTRIES"]
+__all__ = [
+    "Registry",
+    "ComponentInfo",
+    "backbones",
+    "objectives",
+    "datasets",
+    "levers",
+    "register",
+    "list_plugins",
+    "REGISTRIES",
+]
 
 T = TypeVar("T")
 
@@ -292,8 +303,14 @@ def _dist_name(ep: importlib_metadata.EntryPoint) -> str:
 backbones: Registry[BackboneFactory] = Registry("backbone", "mtdisent.backbones", returns=nn.Module)
 objectives: Registry[Callable[..., Objective]] = Registry("objective", "mtdisent.objectives", returns=Objective)
 datasets: Registry[DatasetFactory] = Registry("dataset", "mtdisent.datasets")
+levers: Registry[Callable[..., Lever]] = Registry("lever", "mtdisent.levers", returns=Lever)
 
-REGISTRIES: dict[str, Registry[Any]] = {"backbone": backbones, "objective": objectives, "dataset": datasets}
+REGISTRIES: dict[str, Registry[Any]] = {
+    "backbone": backbones,
+    "objective": objectives,
+    "dataset": datasets,
+    "lever": levers,
+}
 
 
 def _registry_for(kind: str) -> Registry[Any]:

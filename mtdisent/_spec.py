@@ -396,6 +396,16 @@ class AdversarySpec(SpecModel):
             one network per source task i whose output layer predicts every other task j at once, so the
             adversaries' parameters and cost grow linearly in N (their first layer, D x hidden, dominates). With
             two tasks both are the same network.
+        scales: What an adversary reads from its source encoder. ``"last"``: the last features, as the
+            classifier does (the paper). ``"all"``: the last features followed by the global-average-pooled output
+            of every scale of the encoder (the modules its backbone's ``scale_modules()`` returns; ``dltk_residual``:
+            the stem and the last residual unit of each scale, widths ``filters``), so an adversary can read a
+            nuisance from early layers and the encoder must remove it there too, not only in its last layer. The
+            classifiers still read the last features only; levers transform only those. The scales are captured
+            with forward hooks during the encoders' forward pass (the same batch as the features); a backbone
+            without ``scale_modules()`` is an error. ``training.compile`` works where compiled modules run the hooks
+            of their submodules (checked with torch 2.14, inductor, without recompilation); where they do not, the
+            first forward stops with an error saying a scale module did not run.
     """
 
     objective: Component = Field(default_factory=lambda: Component(name="minmax"))
@@ -409,6 +419,7 @@ class AdversarySpec(SpecModel):
     reinit_every: int = Field(default=100, ge=0)
     conditional: bool = True
     layout: Literal["pair", "source"] = "pair"
+    scales: Literal["last", "all"] = "last"
 
 
 class OptimizerSpec(SpecModel):
@@ -516,6 +527,8 @@ class Experiment(SpecModel):
         data: Dataset from the ``datasets`` registry.
         training: Training settings.
         execution: Execution path (stacked or separate heads); does not change results.
+        levers: Levers (plugins of the ``levers`` registry, applied in this order) that change how the model
+            trains: erasure layers, recombination of factors.
         seed: Seed for weights and data order.
         name: Optional human name of the experiment.
     """
@@ -530,6 +543,7 @@ class Experiment(SpecModel):
     data: Component | None = None
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    levers: list[Component] = Field(default_factory=list)
     seed: int = 0
     name: str | None = None
 
@@ -572,6 +586,8 @@ class Experiment(SpecModel):
             _check_component(t.backbone, "backbone", f"tasks[{i}].backbone (task {t.name!r})", info)
         _check_component(self.adversary.objective, "objective", "adversary.objective", info)
         _check_component(self.data, "dataset", "data", info)
+        for k, lever in enumerate(self.levers):
+            _check_component(lever, "lever", f"levers[{k}]", info)
         return self
 
     # -- derived views -------------------------------------------------------------------------------

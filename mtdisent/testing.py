@@ -21,13 +21,23 @@ import torch
 from torch import nn
 
 from ._data import ContractView, DataError, DataSource, is_tensor_backed, make_loader, sequential_batches
+from ._errors import MtdisentError
 from ._heads import MLPHead
-from ._model import build_backbone
+from ._model import _scale_paths, _ScaleCapture, build_backbone
 from ._objectives import Objective
 from ._registry import backbones, datasets, objectives
 from ._spec import Component, Experiment, HeadSpec
+from ._torch import eval_mode
 
-__all__ = ["check_backbone", "check_objective", "check_dataset", "backbone_names", "objective_names", "dataset_names"]
+__all__ = [
+    "check_backbone",
+    "check_objective",
+    "check_dataset",
+    "check_lever",
+    "backbone_names",
+    "objective_names",
+    "dataset_names",
+]
 
 
 def backbone_names() -> list[str]:
@@ -59,6 +69,9 @@ def check_backbone(
     seed: int = 0,
 ) -> nn.Module:
     """Check the backbone contract: (B, C, H, W) -> (B, D), ``num_features`` honest, gradients everywhere, no NaN.
+
+    A backbone with ``scale_modules()`` must return its own submodules, each run once per forward pass with an
+    output (B, C, *spatial).
 
     Args:
         name: Registered backbone name.
@@ -94,6 +107,18 @@ def check_backbone(
     for n, p in module.named_parameters():
         if p.grad is not None:
             _finite(p.grad, f"backbone {name!r} gradient of {n}")
+    if callable(getattr(module, "scale_modules", None)):  # the optional scales contract (adversary.scales="all")
+        label = f"backbone {name!r}"
+        try:
+            paths = _scale_paths(module, label)
+            with _ScaleCapture({"": [module.get_submodule(p) for p in paths]}, {"": label}) as capture:
+                module(x)
+            pooled = capture.pooled()[""]
+        except MtdisentError as exc:
+            raise AssertionError(str(exc)) from exc
+        for i, s in enumerate(pooled):
+            assert s.ndim == 2 and s.shape[0] == batch_size, f"{label}: scale {i} pools to {tuple(s.shape)}"
+            _finite(s, f"{label} scale {i}")
     return module
 
 
@@ -112,7 +137,9 @@ def check_objective(
     different class counts and partly unlabelled targets gives (P,) finite terms equal to the per-pair
     reference; ``feature_terms``, when the objective has them, gives (P,) finite terms, 0 for a pair without
     labelled samples; together the terms the main step uses give the features a gradient (through
-    ``adversary_input``); ``adversary_loss`` gives (P,) finite losses with a gradient to every adversary weight.
+    ``adversary_input``); ``adversary_loss`` gives (P,) finite losses with a gradient to every adversary weight;
+    an objective with ``combines_gradients`` is not ``single_pass``, and its ``combine_gradients`` keeps the shape,
+    stays finite and returns the task gradient unchanged when the adversary gradient is zero.
 
     Args:
         name: Registered objective name, or the objective class itself.
@@ -181,6 +208,19 @@ def check_objective(
     losses.sum().backward()
     missing = [f"pair {i}: {n}" for i, h in enumerate(heads[:-1]) for n, q in h.named_parameters() if q.grad is None]
     assert not missing, f"{label}: adversary parameters received no gradient: {missing}"
+    if objective.combines_gradients:
+        assert not objective.single_pass, f"{label}: combines_gradients cannot be combined with single_pass"
+        task, adversary = torch.randn(40), torch.randn(40)
+        combined = objective.combine_gradients(task.clone(), adversary.clone())
+        assert isinstance(combined, torch.Tensor) and combined.shape == task.shape, (
+            f"{label}: combine_gradients must return a vector of the gradients' shape {tuple(task.shape)}, "
+            f"got {getattr(combined, 'shape', combined)}"
+        )
+        _finite(combined, f"{label} combine_gradients")
+        alone = objective.combine_gradients(task.clone(), torch.zeros_like(adversary))
+        assert torch.allclose(alone, task, rtol=1e-6, atol=1e-7), (
+            f"{label}: with a zero adversary gradient combine_gradients must return the task gradient unchanged"
+        )
     return objective
 
 
@@ -237,3 +277,66 @@ def check_dataset(
                     "images tensor must return it unchanged (apply transforms with DataSource.with_transform)"
                 )
     return source
+
+
+class _Toy(torch.utils.data.Dataset):
+    """Two tasks written into the image: 'a' (2 classes) on the top half, 'b' (3 classes) on the bottom."""
+
+    def __init__(self, n: int = 40, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.labels = {"a": torch.randint(0, 2, (n,), generator=g), "b": torch.randint(0, 3, (n,), generator=g)}
+        self.images = torch.randn(n, 1, 16, 16, generator=g) * 0.1
+        self.images[:, :, :8] += self.labels["a"][:, None, None, None].float()
+        self.images[:, :, 8:] += self.labels["b"][:, None, None, None].float()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, int]]:
+        return self.images[i], {t: int(v[i]) for t, v in self.labels.items()}
+
+
+def check_lever(name: str, *, args: dict[str, Any] | None = None, iterations: int = 3) -> Any:
+    """Check the lever contract on a two-task toy run.
+
+    Training with the lever runs and stays finite; ``Lever.features`` keeps every task's feature shape; what
+    ``Lever.build`` made is saved with the model and :func:`~mtdisent.load` gives back the same predictions.
+
+    Args:
+        name: Registered lever name.
+        args: Its arguments.
+        iterations: Training iterations of the check.
+
+    Returns:
+        The trained :class:`~mtdisent.Run`.
+    """
+    import tempfile
+
+    from ._engine import load, train
+
+    experiment = Experiment.model_validate(
+        dict(
+            tasks=[{"name": "a", "num_classes": 2}, {"name": "b", "num_classes": 3}],
+            backbone={"name": "dltk_residual", "args": {"filters": [4, 8], "strides": [1, 2], "output": "pool"}},
+            input_shape=(1, 16, 16),
+            head={"hidden": [8]},
+            adversary={"head": {"hidden": [8]}, "steps": 2, "features": "reuse"},
+            levers=[{"name": name, "args": args or {}}],
+            training={"iterations": iterations, "batch_size": 20, "checkpoint_every": iterations, "device": "cpu"},
+        )
+    )
+    label = f"lever {name!r}"
+    with tempfile.TemporaryDirectory() as tmp:
+        run = train(experiment, data={"train": _Toy(), "val": _Toy(20, seed=1)}, out_dir=tmp, quiet=True)
+        for metrics in run.history:
+            finite = all(v == v and abs(v) != float("inf") for v in metrics.values() if isinstance(v, float))
+            assert finite, f"{label}: a logged metric is not finite: {metrics}"
+        x = _Toy(8, seed=2).images
+        with eval_mode(run.model), torch.no_grad():
+            raw = {t: run.model.encoders[t](x).shape for t in run.model.task_names}
+        feats = run.model.features(x)
+        assert {t: f.shape for t, f in feats.items()} == raw, f"{label}: features changed shape"
+        loaded = load(tmp)
+        for t, p in run.model.predict(x).items():
+            assert torch.equal(p, loaded.predict(x)[t]), f"{label}: the loaded model predicts differently"
+    return run

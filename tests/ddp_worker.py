@@ -2,6 +2,7 @@
 
 Usage: torchrun --standalone --nproc_per_node=2 ddp_worker.py OUT_DIR MODEL ITERATIONS [resume]
   MODEL plain  a BatchNorm-free model (comparable with a single process bit for bit, up to float sums)
+  MODEL plain_projection  the same with the gradient-projection objective (gradients averaged by hand)
   MODEL dltk   the default DLTK encoder with BatchNorm
 """
 
@@ -33,11 +34,12 @@ if "ddp_plain" not in md.backbones.names():
 
 
 def experiment(model, iterations):
-    if model == "plain":
+    if model in ("plain", "plain_projection"):
+        objective = "projection" if model == "plain_projection" else "minmax"
         return toy_experiment(
             backbone="ddp_plain",
             head={"hidden": [8], "batchnorm": False},
-            adversary={"head": {"hidden": [8], "batchnorm": False}, "steps": 2, "weight": 0.1},
+            adversary={"head": {"hidden": [8], "batchnorm": False}, "steps": 2, "weight": 0.1, "objective": objective},
             training={"iterations": iterations, "batch_size": 20, "checkpoint_every": 3, "hflip": True},
         )
     return toy_experiment(training={"iterations": iterations, "batch_size": 20, "checkpoint_every": 3})

@@ -23,7 +23,7 @@ def changed(before, module):
     return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
 
 
-@pytest.mark.parametrize("objective", ["minmax", "confusion"])
+@pytest.mark.parametrize("objective", ["minmax", "confusion", "projection"])
 def test_main_step_leaves_adversaries_untouched(objective):
     tr = trainer_for(adversary={"objective": objective})
     adv, enc, cls = snapshot(tr.model.adversaries), snapshot(tr.model.encoders), snapshot(tr.model.classifiers)
@@ -68,11 +68,11 @@ def _adversary_view(tr, x, y):
     return logits, torch.nn.functional.cross_entropy(logits, y)
 
 
-@pytest.mark.parametrize("objective", ["minmax", "confusion", "gradient_reversal"])
+@pytest.mark.parametrize("objective", ["minmax", "confusion", "gradient_reversal", "projection"])
 def test_encoder_update_opposes_the_adversary(objective):
     # Only the adversarial term acts on the encoder (task losses and L2 weighted 0, one pair): the sign of
-    # the encoder gradient decides whether the adversary's loss goes up (minmax, reversal) or its
-    # prediction moves toward uniform (confusion). A sign error fails this test.
+    # the encoder gradient decides whether the adversary's loss goes up (minmax, reversal, projection: its
+    # -alpha * g_adv) or its prediction moves toward uniform (confusion). A sign error fails this test.
     tr = trainer_for(
         adversary={"objective": objective, "steps": 0, "ensemble": 1, "conditional": False},  # one plain adversary
         tasks=[md.Task(name="a", num_classes=2, loss_weight=0), md.Task(name="b", num_classes=3, loss_weight=0)],

@@ -60,7 +60,7 @@ def assert_states_close(a, b, atol=1e-5):
 @given(
     st.lists(st.integers(2, 4), min_size=2, max_size=4),
     st.data(),
-    st.sampled_from(["minmax", "confusion", "gradient_reversal"]),
+    st.sampled_from(["minmax", "confusion", "gradient_reversal", "projection"]),
     st.sampled_from(["reuse", "fresh"]),
 )
 def test_stacked_and_separate_paths_agree(classes, data, objective, features):

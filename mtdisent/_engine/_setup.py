@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._errors import SpecError
-from .._model import MultiTaskModel
+from .._model import MultiTaskModel, map_features
 from .._spec import Experiment, OptimizerSpec
 from ._distributed import DistInfo
 
@@ -43,13 +43,15 @@ def build_optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.op
 class _MainNet(nn.Module):
     """Encoders + classifiers as one module (what DDP wraps for the main step)."""
 
-    def __init__(self, model: MultiTaskModel, encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> None:
+    def __init__(self, model: MultiTaskModel, encode: Callable[..., dict[str, torch.Tensor]]) -> None:
         super().__init__()
-        self.encoders, self.classifiers = model.encoders, model.classifiers
+        self.encoders, self.classifiers, self.lever_modules = model.encoders, model.classifiers, model.lever_modules
         self._encode, self._classify = encode, model.classify
 
-    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        feats = self._encode(x)  # {task: (B, D)}
+    def forward(
+        self, x: torch.Tensor, labels: dict[str, torch.Tensor] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        feats = self._encode(x, labels)  # {task: (B, D)}
         return feats, self._classify(feats)
 
 
@@ -68,7 +70,7 @@ class _AdvNet(nn.Module):
         weights: torch.Tensor | None,
         labels: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        inputs = feats.float() if isinstance(feats, torch.Tensor) else {k: v.float() for k, v in feats.items()}
+        inputs = feats.float() if isinstance(feats, torch.Tensor) else map_features(feats, torch.Tensor.float)
         return self._logits(inputs, transform, weights, labels)  # (P, B, K_max)
 
 
@@ -80,7 +82,8 @@ class Setup:
         device: This process's device.
         dist: Its place in a distributed run.
         autocast: A context-manager factory: bf16 autocast when mixed precision is on, else a no-op.
-        encode: ``(B, C, H, W) -> {task: (B, D)}`` through the (possibly compiled) encoders.
+        encode: ``(x (B, C, H, W), labels=None) -> {task: (B, D)}`` through the (possibly compiled) encoders and
+            the levers (which see the labels in the training main step).
         main_net: Encoders + classifiers, DDP-wrapped when distributed: ``x -> (features, logits)``.
         adversaries: All adversaries, DDP-wrapped when distributed (gradients synchronised).
         adversaries_plain: The same without the wrapper: the main step runs these when the adversaries do not
@@ -90,7 +93,7 @@ class Setup:
     device: torch.device
     dist: DistInfo
     autocast: Callable[[], contextlib.AbstractContextManager[Any]]
-    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    encode: Callable[..., dict[str, torch.Tensor]]
     main_net: nn.Module
     adversaries: nn.Module
     adversaries_plain: nn.Module
@@ -123,11 +126,10 @@ def prepare(
     encoders: dict[str, Any] = dict(model.encoders.items())
     if tr.compile:
         encoders = {t: torch.compile(m) for t, m in encoders.items()}
-    names = list(model.task_names)
 
-    def encode(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(x: torch.Tensor, labels: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         x = x.contiguous(memory_format=memory_format)
-        return {t: encoders[t](x) for t in names}  # {task: (B, D)}
+        return model.encode_with(encoders, x, labels)  # {task: (B, D)} (+ pooled scales, adversary.scales="all")
 
     main_net: nn.Module = _MainNet(model, encode)
     plain: nn.Module = _AdvNet(model)

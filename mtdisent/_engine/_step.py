@@ -10,7 +10,11 @@ Main step (encoders + classifiers; adversary weights untouched)::
 
     sum_i w_i CE(C_i(z_i), y_i) + sum_(i,j) objective terms (lambda_t * lambda_ij) + l2 * |W|^2
 
-For the paper's ``minmax`` objective the pair term is ``-lambda CE(A_ij(z_i), y_j)``. Adversary steps minimise
+For the paper's ``minmax`` objective the pair term is ``-lambda CE(A_ij(z_i), y_j)``. An objective with
+``combines_gradients`` (``projection``) is not back-propagated as one sum: two ``torch.autograd.grad`` calls give,
+per encoder (and lever module), the gradient of the task terms and that of the adversarial pair terms, and
+``objective.combine_gradients`` of the two flattened vectors becomes the encoder's gradient (classifiers: the task
+gradient); L2 and the optimiser follow as usual. Adversary steps minimise
 ``sum_(i,j) CE(A_ij(z_i), y_j) + l2 * |W_adv|^2`` on detached features: the main step's (``features="reuse"``)
 or a fresh batch encoded without gradients (``features="fresh"``). Every ``adversary.reinit_every`` iterations
 one ensemble member per pair gets fresh weights.
@@ -26,14 +30,14 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import MtdisentError, SpecError
-from .._model import MultiTaskModel
+from .._errors import ComponentError, MtdisentError, SpecError
+from .._model import MultiTaskModel, map_features
 from .._objectives import Objective
 from .._spec import Experiment
 from ._distributed import all_true
@@ -105,6 +109,34 @@ def _add_l2_gradient(weights: list[nn.Parameter], l2: float) -> None:
             torch._foreach_add_(list(grads), list(params), alpha=2.0 * l2)
 
 
+def _undonated() -> contextlib.AbstractContextManager[Any]:
+    """While compiled encoders are first traced: a backward that keeps its saved tensors (``retain_graph``).
+
+    torch.compile (AOTAutograd, torch >= 2.6) may "donate" the buffers saved for the backward pass, which then
+    refuses ``retain_graph=True``; the setting is read when the training graph is compiled, in the main step.
+    """
+    import torch._functorch.config as functorch_config
+
+    if not hasattr(functorch_config, "donated_buffer"):
+        return contextlib.nullcontext()
+    return cast(contextlib.AbstractContextManager[Any], functorch_config.patch(donated_buffer=False))
+
+
+def _filled(grads: list[torch.Tensor | None], params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """Gradients with zeros where a parameter got none."""
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)]
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Average every tensor over the processes (one flat all-reduce), as DDP averages gradients."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    return [v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors, strict=True)]
+
+
 @contextlib.contextmanager
 def _frozen_buffers(module: nn.Module) -> Iterator[None]:
     """Restore the module's buffers (BatchNorm running statistics) when the block ends."""
@@ -156,6 +188,17 @@ class AdversarialStep(Step):
             build_optimizer(tr.adversary_optimizer, self.adversary_params) if self.adversary_params else None
         )
         self._iteration = 0  # of the current update, for messages
+        self.combine = type(objective).combines_gradients
+        if self.combine and type(objective).single_pass:
+            raise ComponentError(
+                f"objective {experiment.adversary.objective.name!r} sets both single_pass and combines_gradients; "
+                "an objective that combines the encoders' gradients cannot also train the adversaries in the main step"
+            )
+        # what combine_gradients acts on, each over its own flattened parameters: the encoders, the levers' modules
+        self._groups: list[tuple[str, list[nn.Parameter]]] = [
+            *((t, list(model.encoders[t].parameters())) for t in model.task_names),
+            *((f"lever{k}", list(m.parameters())) for k, m in model.lever_modules.items()),
+        ]
         overridden = type(objective).adversary_input is not Objective.adversary_input
         self._transform = objective.adversary_input if overridden else None
         if overridden and experiment.adversary.layout == "source":
@@ -206,12 +249,20 @@ class AdversarialStep(Step):
         model, tr, single, setup = self.model, self.experiment.training, self.objective.single_pass, self.setup
         model.train()
         x, y = self.feed.next()
-        terms: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {"lambda": lam}
+        for lever in model.levers:
+            x, y = lever.augment(self, x, y)
+            metrics.update(lever.metrics())
+        terms: dict[str, torch.Tensor] = {}
         adversaries_frozen = contextlib.nullcontext() if single else _frozen_buffers(model.adversaries)
-        with adversaries_frozen:  # the main step leaves the adversaries' BatchNorm statistics untouched
-            with _no_grad_params([] if single else self.adversary_params), setup.autocast():
-                feats, logits = setup.main_net(x)  # {task: (B, D)}, {task: (B, K)}
+        # combined gradients are averaged over processes by hand (DDP's hooks see no .backward())
+        manual_sync = self.combine and setup.dist.enabled
+        unsynced = cast(Any, setup.main_net).no_sync() if manual_sync else contextlib.nullcontext()
+        # two gradient passes retain the graph, which compiled encoders allow only without donated buffers
+        retained = _undonated() if self.combine and tr.compile else contextlib.nullcontext()
+        with adversaries_frozen, unsynced:  # the main step leaves the adversaries' BatchNorm statistics untouched
+            with _no_grad_params([] if single else self.adversary_params), setup.autocast(), retained:
+                feats, logits = setup.main_net(x, y)  # {task: (B, D)}, {task: (B, K)}
                 for task in model.task_names:
                     ce = masked_cross_entropy(logits[task].float(), y[task])
                     if ce is None:  # nobody labelled: a zero term keeps every parameter in the graph (DDP needs it)
@@ -221,7 +272,11 @@ class AdversarialStep(Step):
                         mask = y[task] >= 0
                         metrics[f"acc/{task}"] = float((logits[task][mask].argmax(-1) == y[task][mask]).float().mean())
                         metrics[f"loss/{task}"] = float(ce.detach())
-                pair_terms = self._pair_terms(feats, y, lam) if model.pairs and (lam > 0 or single) else None
+                adversarial, direct = (None, None)
+                if model.pairs and (lam > 0 or single):
+                    adversarial, direct = self._pair_parts(feats, y, lam)
+                parts = [v for v in (adversarial, direct) if v is not None]
+                pair_terms = torch.stack(parts).sum(0) if parts else None  # (P,)
                 if pair_terms is not None:
                     terms["adversaries"] = pair_terms.sum()
             self._check_finite(terms, "main", pair_terms)
@@ -229,31 +284,88 @@ class AdversarialStep(Step):
             if single and self.adversary_optimizer is not None:
                 self.adversary_optimizer.zero_grad(set_to_none=True)
             loss = torch.stack(list(terms.values())).sum()
-            loss.backward()
+            if self.combine:
+                rest = [v for k, v in terms.items() if k != "adversaries"]  # the task terms, then any direct ones
+                rest += [direct.sum()] if direct is not None else []
+                metrics.update(self._combined_backward(torch.stack(rest).sum(), adversarial))
+            else:
+                loss.backward()
             if tr.l2 > 0:
                 _add_l2_gradient(self.l2_main + (self.l2_adv if single else []), tr.l2)
             self.main_optimizer.step()
             if single and self.adversary_optimizer is not None:
                 self.adversary_optimizer.step()
         metrics["loss/main"] = float(loss.detach())
-        return metrics, {t: f.detach() for t, f in feats.items()}, y
+        return metrics, map_features(feats, torch.Tensor.detach), y
+
+    def _combined_backward(self, task_loss: torch.Tensor, adversarial: torch.Tensor | None) -> dict[str, float]:
+        """Set ``.grad`` of the main parameters for an objective with ``combines_gradients``.
+
+        Two ``torch.autograd.grad`` calls: the adversarial pair terms to the encoders (and lever modules), then the
+        task terms to every main parameter. Each encoder's gradient is ``objective.combine_gradients`` of its two
+        flattened gradients; the classifiers keep the task gradient. Returns ``{"grad_cos/<task>": ...}``, the
+        cosine between each encoder's two gradients (0 when either is zero).
+        """
+        groups = [(name, [p for p in params if p.requires_grad]) for name, params in self._groups]
+        upstream = [p for _, params in groups for p in params]
+        seen = {id(p) for p in upstream}
+        params = upstream + [p for p in self.main_params if p.requires_grad and id(p) not in seen]
+        g_adv: list[torch.Tensor | None] = [None] * len(upstream)
+        if adversarial is not None and adversarial.requires_grad and upstream:
+            g_adv = list(torch.autograd.grad(adversarial.sum(), upstream, retain_graph=True, allow_unused=True))
+        g_task: list[torch.Tensor | None] = list(torch.autograd.grad(task_loss, params, allow_unused=True))
+        if self.setup.dist.enabled:  # average over processes, as DDP would have
+            g_task = list(_all_reduce_mean(_filled(g_task, params)))
+            g_adv = list(_all_reduce_mean(_filled(g_adv, upstream)))
+        for p, g in zip(params[len(upstream) :], g_task[len(upstream) :], strict=True):
+            p.grad = g
+        cosines: dict[str, torch.Tensor] = {}
+        start = 0
+        for name, members in groups:
+            t_parts, a_parts = g_task[start : start + len(members)], g_adv[start : start + len(members)]
+            start += len(members)
+            if all(g is None for g in t_parts) and all(g is None for g in a_parts):
+                continue  # nothing reached this module: no gradient, as a plain backward would leave it
+            task = torch.cat([g.reshape(-1) for g in _filled(t_parts, members)])  # (n,)
+            adv = torch.cat([g.reshape(-1) for g in _filled(a_parts, members)])  # (n,)
+            combined = self.objective.combine_gradients(task, adv)  # (n,)
+            if combined.shape != task.shape:
+                raise MtdisentError(
+                    f"objective {self.experiment.adversary.objective.name!r}: combine_gradients returned shape "
+                    f"{tuple(combined.shape)} for a gradient of shape {tuple(task.shape)}; it must keep the shape"
+                )
+            for p, g in zip(members, torch.split(combined, [p.numel() for p in members]), strict=True):
+                p.grad = g.view_as(p).to(p.dtype)
+            if name in self.model.encoders:
+                norms = task.norm() * adv.norm()
+                cosines[name] = task.dot(adv) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+        if not cosines:
+            return {}
+        values = torch.stack(list(cosines.values())).tolist()  # one host sync for all encoders
+        return {f"grad_cos/{name}": v for name, v in zip(cosines, values, strict=True)}
+
+    def _pair_parts(
+        self, feats: dict[str, torch.Tensor], y: dict[str, torch.Tensor], lam: float
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(P,) each adversary pair's adversarial term (``encoder_terms``) and direct term (``feature_terms``)."""
+        model, single = self.model, self.objective.single_pass
+        weights = torch.tensor([lam * p.weight for p in model.pairs], device=self.setup.device)  # (P,)
+        targets = self._targets(y)  # (P, B)
+        adversarial = None
+        if self.objective.uses_adversaries:
+            net = self.setup.adversaries if single else self.setup.adversaries_plain  # no sync for frozen ones
+            adv_logits = net(feats, self._transform, weights, y)  # (P, B, K_max)
+            adversarial = self.objective.encoder_terms(adv_logits, targets, weights, model.pair_classes)
+        sources = [feats[p.source] for p in model.pairs]  # P x (B, D)
+        own = torch.stack([y[p.source] for p in model.pairs])  # (P, B) the sources' own labels
+        direct = self.objective.feature_terms(sources, targets, weights, model.pair_classes, own)
+        return adversarial, direct
 
     def _pair_terms(
         self, feats: dict[str, torch.Tensor], y: dict[str, torch.Tensor], lam: float
     ) -> torch.Tensor | None:
         """(P,) what each adversary pair adds to the main loss: the objective's adversarial and direct terms."""
-        model, single = self.model, self.objective.single_pass
-        weights = torch.tensor([lam * p.weight for p in model.pairs], device=self.setup.device)  # (P,)
-        targets, parts = self._targets(y), []  # (P, B), P-vectors of terms
-        if self.objective.uses_adversaries:
-            net = self.setup.adversaries if single else self.setup.adversaries_plain  # no sync for frozen ones
-            adv_logits = net(feats, self._transform, weights, y)  # (P, B, K_max)
-            parts.append(self.objective.encoder_terms(adv_logits, targets, weights, model.pair_classes))
-        sources = [feats[p.source] for p in model.pairs]  # P x (B, D)
-        own = torch.stack([y[p.source] for p in model.pairs])  # (P, B) the sources' own labels
-        direct = self.objective.feature_terms(sources, targets, weights, model.pair_classes, own)
-        if direct is not None:
-            parts.append(direct)
+        parts = [v for v in self._pair_parts(feats, y, lam) if v is not None]
         return torch.stack(parts).sum(0) if parts else None  # (P,)
 
     def adversary_step(

@@ -8,6 +8,7 @@ import torch
 
 from .._data import ContractView, make_loader, sequential_batches, task_classes
 from .._errors import did_you_mean
+from .._model import Features
 from ._metrics import EvaluationError
 
 __all__ = ["LAYERS", "collect_features"]
@@ -41,7 +42,9 @@ def collect_features(
 
     Returns:
         ``(features, labels)``: ``{task: float (N, D)}`` and ``{task: LongTensor[N]}`` on the CPU, -1 where a
-        sample has no label for a task. The model's train/eval mode is restored.
+        sample has no label for a task. The model's train/eval mode is restored. With ``adversary.scales="all"``
+        and ``layer="features"`` the features are a :class:`~mtdisent.MultiTaskModel` ``Features`` carrying the
+        encoders' pooled scales as well (what the adversaries read).
     """
     if layer not in LAYERS:
         raise EvaluationError(f"layer: unknown layer {layer!r}. {did_you_mean(str(layer), LAYERS)}")
@@ -58,6 +61,7 @@ def collect_features(
     view = ContractView(dataset, task_classes(experiment), model.input_shape, split)
     chunks: dict[str, list[torch.Tensor]] = {t: [] for t in model.task_names}
     labels: dict[str, list[torch.Tensor]] = {t: [] for t in model.task_names}
+    scales: dict[str, list[torch.Tensor]] = {}
     fn = getattr(model, layer)  # eval mode, inference mode, previous mode restored
     batches = sequential_batches(view.n, batch_size)
     for x, y, _ in make_loader(view, batches, num_workers=num_workers, pin_memory=dev.type == "cuda"):
@@ -65,4 +69,8 @@ def collect_features(
         for t in model.task_names:
             chunks[t].append(out[t].detach().float().cpu().clone())
             labels[t].append(y[t])
-    return {t: torch.cat(v) for t, v in chunks.items()}, {t: torch.cat(v) for t, v in labels.items()}
+        for t, s in getattr(out, "scales", {}).items():  # the encoders' pooled scales (adversary.scales="all")
+            scales.setdefault(t, []).append(s.detach().float().cpu().clone())
+    gathered = {t: torch.cat(v) for t, v in chunks.items()}
+    features = Features(gathered, {t: torch.cat(v) for t, v in scales.items()}) if scales else gathered
+    return features, {t: torch.cat(v) for t, v in labels.items()}

@@ -9,6 +9,9 @@ Layout (DLTK ``vanilla_residual_unit`` and ``resnet_3d`` encoder, in 2-D):
   else 3) -> BN -> act -> conv 3x3; output = branch + shortcut, no activation after;
 * TF1 BatchNorm defaults (eps 1e-3, momentum 0.01 in PyTorch terms), no biases, variance-scaling
   uniform initialisation, TF "same" padding.
+
+Its scales (``scale_modules()``, read by adversaries with ``adversary.scales="all"``) are the stem's output and
+each further scale's last residual unit's output: ``filters[s]`` channels each.
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ class DLTKResidualEncoder(nn.Module):
         self.output = output
         self.stem = _same_conv(in_channels, filters[0], (3, 3), self.strides[0])
         blocks: list[nn.Module] = []
+        self._scale_ends: list[int] = []  # index in blocks of each scale's last unit
         width = filters[0]
         for scale in range(1, len(filters)):
             for u in range(units[scale - 1]):
@@ -138,6 +142,7 @@ class DLTKResidualEncoder(nn.Module):
                 act = _activation(activation, negative_slope)
                 blocks.append(ResidualUnit(width, filters[scale], stride, act, float(bn_momentum)))
                 width = filters[scale]
+            self._scale_ends.append(len(blocks) - 1)
         self.blocks = nn.Sequential(*blocks)
         self.num_features: int | None = width if output == "pool" else None
         self._init_weights()
@@ -148,6 +153,13 @@ class DLTKResidualEncoder(nn.Module):
                 fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
                 bound = math.sqrt(3.0 / fan_in)
                 nn.init.uniform_(m.weight, -bound, bound)
+
+    def scale_modules(self) -> list[nn.Module]:
+        """The modules whose outputs are the encoder's scales, shallow to deep (``adversary.scales="all"``).
+
+        The stem, then the last residual unit of every further scale: outputs (B, filters[s], H_s, W_s).
+        """
+        return [self.stem, *(self.blocks[i] for i in self._scale_ends)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D) features."""

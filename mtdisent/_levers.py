@@ -1,0 +1,80 @@
+"""Levers: plugins that change how the model trains, through a few documented hooks.
+
+A lever is declared in the spec (``Experiment.levers``: ``[{"name": "erasure", "args": {...}}]``) and found in
+the ``mtdisent.levers`` registry (entry-point group ``mtdisent.levers``), like every other component. It may
+
+* :meth:`Lever.build` a module the model owns (saved with the model, applied at inference too), for example
+  the running statistics of an erasure layer;
+* :meth:`Lever.features` transform each task's features between its encoder and its heads (classifier and
+  adversaries), in training and at inference; ``labels`` are given in training (update statistics then) and
+  ``None`` otherwise;
+* :meth:`Lever.augment` change a training batch before the main step (synthesise factor combinations, for
+  example); it sees the step, so it may run the model;
+* :meth:`Lever.metrics` report what its last training step did (logged with the main step's metrics).
+
+Levers run in the order the spec lists them. A lever that only acts in training need not build anything; one
+that builds a module is needed (as a plugin) to load the model, as a backbone is.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ._errors import signature_repr
+
+if TYPE_CHECKING:
+    from ._engine._step import AdversarialStep
+    from ._model import MultiTaskModel
+
+__all__ = ["Lever"]
+
+
+class Lever:
+    """Base class of levers. Every hook is a no-op by default; override the ones the lever needs.
+
+    A subclass's keyword constructor parameters are its spec arguments (checked by name by the registry).
+    """
+
+    def build(self, model: MultiTaskModel) -> nn.Module | None:
+        """A module the model owns (its parameters train with the encoders, its buffers are checkpointed).
+
+        Called once while the model is built; ``model`` has its encoders, tasks, pairs and ``feature_sizes``.
+        """
+        return None
+
+    def features(
+        self,
+        module: nn.Module | None,
+        features: dict[str, torch.Tensor],
+        labels: dict[str, torch.Tensor] | None,
+        training: bool,
+    ) -> dict[str, torch.Tensor]:
+        """``{task: (B, D)}`` -> ``{task: (B, D)}``: what the classifiers and adversaries read.
+
+        Args:
+            module: What :meth:`build` returned.
+            features: The encoders' output (or the previous lever's).
+            labels: ``{task: (B,)}`` (-1 unlabelled) in the training main step; ``None`` elsewhere (adversary
+                steps on fresh batches, validation, inference).
+            training: Whether the model is in training mode.
+        """
+        return features
+
+    def augment(
+        self, step: AdversarialStep, x: torch.Tensor, y: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Change the main step's batch ``(x (B, C, H, W), {task: (B,)})`` before it is used (training only)."""
+        return x, y
+
+    def metrics(self) -> dict[str, float]:
+        """Metrics of the lever's part in the current main step (read right after :meth:`augment`), logged with it.
+
+        Name keys after the lever (``"recombine/flipped"``) so that they cannot collide with the step's own.
+        """
+        return {}
+
+    def __repr__(self) -> str:
+        return signature_repr(self)
