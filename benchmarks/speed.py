@@ -3,6 +3,7 @@
     python benchmarks/speed.py            # everything below on this machine's CPU (about 15 minutes on 2 cores)
     python benchmarks/speed.py --quick    # a smoke run at tiny sizes
     python benchmarks/speed.py --only gates ratio
+    python benchmarks/speed.py --gpu      # on CUDA: 1 x 224 x 288 everywhere, bf16 autocast (benchmarks/gpu.sh)
 
 Sections (``--only`` picks some):
 
@@ -22,7 +23,9 @@ Sections (``--only`` picks some):
 * ``loader``: a disk dataset (``csv_images``, PNGs at 224 x 288): training-feed images per second with
   ``training.num_workers`` 0, 1, 2.
 
-Results go to benchmarks/results/speed.{json,md} with the machine description.
+Results go to benchmarks/results/speed.{json,md} (``--gpu``: speed_gpu.{json,md}) with the machine description.
+With ``--gpu`` every section runs on CUDA at the paper's resolution with bf16 autocast, except the gates, which
+compare float32 paths.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from mtdisent.engine import Loop, build_loop
 RESULTS = Path(__file__).parent / "results"
 SECTIONS = ("gates", "ratio", "default", "layout", "memory", "main", "loader")
 PAPER_ADVERSARY = {"ensemble": 1, "conditional": False, "reinit_every": 0}  # one plain adversary per pair
+RUN_ON = {"device": "cpu", "amp": "off"}  # where every loop runs (main() sets it from --gpu)
 
 
 def spec(
@@ -57,7 +61,7 @@ def spec(
         "input_shape": (1, *size),
         "backbone": {"name": "dltk_residual", "args": {"output": "flatten"}},
         "adversary": {"steps": 5, "features": "reuse", "weight": 0.1, **(adversary or {})},
-        "training": {"batch_size": 50, "device": "cpu", "amp": "off", **training},
+        "training": {"batch_size": 50, **RUN_ON, **training},
         "execution": {"heads": "stacked", "adversary_steps": "auto"}
         if fast
         else {"heads": "separate", "adversary_steps": "plain"},
@@ -80,9 +84,16 @@ def iterate(loop: Loop) -> dict[str, float]:
     return metrics
 
 
+def synchronize() -> None:
+    if RUN_ON["device"] == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(loop: Loop) -> dict[str, float]:
+    synchronize()
     t0 = time.perf_counter()
     m = iterate(loop)
+    synchronize()
     return {"iteration": time.perf_counter() - t0, "main": m["time/main"], "adversary": m["time/adversary"]}
 
 
@@ -117,10 +128,10 @@ def gates(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for n in args.tasks:
         data = data_for(n, args.size)
-        base = spec(n, args.size, adversary=PAPER_ADVERSARY, optimizer=GATE_OPTIMIZER)
+        base = spec(n, args.size, adversary=PAPER_ADVERSARY, optimizer=GATE_OPTIMIZER, amp="off")  # float32 paths
         plain = copy.deepcopy(base)
         plain["execution"]["adversary_steps"] = "plain"
-        naive = spec(n, args.size, fast=False, adversary=PAPER_ADVERSARY, optimizer=GATE_OPTIMIZER)
+        naive = spec(n, args.size, fast=False, adversary=PAPER_ADVERSARY, optimizer=GATE_OPTIMIZER, amp="off")
         loops = {"gram": loop_for(base, data), "plain": loop_for(plain, data), "naive": loop_for(naive, data)}
         assert loops["gram"].step.gram and not loops["plain"].step.gram  # type: ignore[attr-defined]
         worst = {"gram_loss": 0.0, "naive_loss": 0.0}
@@ -226,10 +237,12 @@ data = md.datasets.get("shapes_n")(num_tasks=n, image_size=spec["input_shape"][1
 spec["tasks"] = [t.model_dump() for t in data.tasks]
 loop = build_loop(md.Experiment.model_validate(spec), data)
 params = sum(p.numel() for p in loop.model.adversary_parameters())
+cuda = spec["training"]["device"] == "cuda"
+sync = torch.cuda.synchronize if cuda else (lambda: None)
 times = []
 for i in range(iterations):
-    t0 = time.perf_counter(); loop.step.update(i); times.append(time.perf_counter() - t0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sync(); t0 = time.perf_counter(); loop.step.update(i); sync(); times.append(time.perf_counter() - t0)
+peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"peak_mib": peak, "s_per_iteration": min(times[1:] or times), "adversary_parameters": params}))
 """
 
@@ -265,7 +278,7 @@ def main_step(args: argparse.Namespace) -> dict[str, Any]:
         "baseline": {},
         "channels_last": {"channels_last": True},
         "compile": {"compile": True},
-        "bf16": {"amp": "bf16"},
+        **({"bf16": {"amp": "bf16"}} if RUN_ON["amp"] == "off" else {"float32": {"amp": "off"}}),
     }
     loops = {
         k: loop_for(spec(n, args.size, adversary={**PAPER_ADVERSARY, "steps": 0}, **v), data)
@@ -327,6 +340,8 @@ def loader(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 def markdown(result: dict[str, Any]) -> str:
     info = result["machine"]
+    h, w = result.get("size", (64, 64))
+    where = f"{result.get('device', 'cpu')}, amp {result.get('amp', 'off')}"
     lines = [
         "# Speed and memory (benchmarks/speed.py)",
         "",
@@ -337,7 +352,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     if "gates" in result:
         lines += [
-            "## Correctness gates (20 iterations; tolerances: loss 1e-4, weights 1e-2 of max(|w|, 1e-3), "
+            f"## Correctness gates ({result.get('gate_steps', 20)} iterations, float32; tolerances: loss 1e-4, "
+            "weights 1e-2 of max(|w|, 1e-3), "
             "fast vs naive loss 2e-3)",
             "",
             "| N | Gram vs plain: max rel. loss diff | max rel. weight diff | fast vs naive: max rel. loss diff |",
@@ -348,7 +364,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if "ratio" in result:
         lines += [
-            "## Iteration time: fast / naive (1 x 64 x 64, batch 50, k = 5, reuse, one adversary per pair)",
+            f"## Iteration time: fast / naive (1 x {h} x {w}, batch 50, k = 5, reuse, one adversary per pair, {where})",
             "",
             "| N | fast s | naive s | **ratio** | target | fast main / adversary s | naive main / adversary s |",
             "|---|---|---|---|---|---|---|",
@@ -387,9 +403,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if "memory" in result:
         lines += [
-            f"## Default settings at 1 x {result['memory_size'][0]} x {result['memory_size'][1]}, batch 50, CPU",
+            f"## Default settings at 1 x {result['memory_size'][0]} x {result['memory_size'][1]}, batch 50, {where}",
             "",
-            "| N | peak MiB | s / iteration | adversary parameters |",
+            "| N | peak MiB (CPU: resident; CUDA: allocated) | s / iteration | adversary parameters |",
             "|---|---|---|---|",
         ]
         for r in result["memory"]:
@@ -404,7 +420,7 @@ def markdown(result: dict[str, Any]) -> str:
     if "main" in result:
         m = result["main"]
         lines += [
-            f"## Main step options (N = {m['tasks']}, 64 x 64, batch 50; seconds per main step)",
+            f"## Main step options (N = {m['tasks']}, {h} x {w}, batch 50, {where}; seconds per main step)",
             "",
             "| option | s |",
             "|---|---|",
@@ -429,6 +445,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
+    parser.add_argument("--gpu", action="store_true", help="CUDA, 1 x 224 x 288, bf16 autocast (not the gates)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shared", default="none", help="say what else ran on the machine, for the record")
     parser.add_argument(
@@ -440,11 +457,16 @@ def main() -> None:
     args.size, args.tasks, args.repeats, args.gate_steps = (64, 64), [2, 4, 8], 5, 20
     args.memory_size, args.memory_tasks, args.memory_iterations = (224, 288), [2, 4, 8], 3
     args.workers, args.loader_images = [0, 1, 2], 300
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu: torch sees no CUDA device")
+        RUN_ON.update(device="cuda", amp="bf16")
+        args.size, args.gate_steps = (224, 288), 10
     if args.quick:
         args.size, args.tasks, args.repeats, args.gate_steps = (32, 32), [2, 3], 1, 3
         args.memory_size, args.memory_tasks, args.memory_iterations = (32, 32), [2], 2
         args.workers, args.loader_images = [0, 1], 60
-    result: dict[str, Any] = {"machine": md.machine_info(), "shared": args.shared, "quick": args.quick}
+    result: dict[str, Any] = {"machine": md.machine_info(), "shared": args.shared, "quick": args.quick, **RUN_ON}
     sections = {
         "gates": gates,
         "ratio": ratio,
@@ -459,9 +481,9 @@ def main() -> None:
             t0 = time.perf_counter()
             result[name] = sections[name](args)
             result.setdefault("seconds", {})[name] = time.perf_counter() - t0
-    result["memory_size"] = list(args.memory_size)
+    result.update(memory_size=list(args.memory_size), size=list(args.size), gate_steps=args.gate_steps)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / ("speed_quick" if args.quick else "speed")
+    stem = args.out / ("speed" + ("_gpu" if args.gpu else "") + ("_quick" if args.quick else ""))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     stem.with_suffix(".md").write_text(markdown(result))
     print(f"wrote {stem}.json and {stem}.md")
