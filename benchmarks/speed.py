@@ -157,6 +157,20 @@ def gates(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def matmul_rate(n: int = 8192, repeats: int = 20) -> float:
+    """The device's measured bf16 matrix-multiply rate, TFLOP/s (n x n x n products), to read images/s against."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
 def ratio(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for n in args.tasks:
@@ -167,6 +181,7 @@ def ratio(args: argparse.Namespace) -> list[dict[str, Any]]:
         }
         t = side_by_side(loops, args.repeats)
         row = {"tasks": n, **t, "ratio": t["fast"]["iteration_s"] / t["naive"]["iteration_s"]}
+        row["fast_images_per_s"] = 50 / t["fast"]["iteration_s"]
         rows.append(row)
         print(
             f"ratio N={n}: fast {t['fast']['iteration_s']:.3f} s, naive {t['naive']['iteration_s']:.3f} s, "
@@ -366,8 +381,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             f"## Iteration time: fast / naive (1 x {h} x {w}, batch 50, k = 5, reuse, one adversary per pair, {where})",
             "",
-            "| N | fast s | naive s | **ratio** | target | fast main / adversary s | naive main / adversary s |",
-            "|---|---|---|---|---|---|---|",
+            "| N | fast s | naive s | **ratio** | target | fast main / adversary s | naive main / adversary s "
+            "| fast images / s |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         targets = {2: 0.8, 4: 0.5, 8: 0.3}
         for r in result["ratio"]:
@@ -375,8 +391,10 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['tasks']} | {f['iteration_s']:.3f} | {nv['iteration_s']:.3f} | **{r['ratio']:.2f}** | "
                 f"<= {targets.get(r['tasks'], '-')} | {f['main_s']:.3f} / {f['adversary_s']:.3f} | "
-                f"{nv['main_s']:.3f} / {nv['adversary_s']:.3f} |"
+                f"{nv['main_s']:.3f} / {nv['adversary_s']:.3f} | {50 / f['iteration_s']:.0f} |"
             )
+        if "bf16_matmul_tflops" in result:
+            lines += ["", f"Measured bf16 matmul rate of the device: {result['bf16_matmul_tflops']:.0f} TFLOP/s."]
         lines.append("")
     if "default" in result:
         d = result["default"]
@@ -467,6 +485,9 @@ def main() -> None:
         args.memory_size, args.memory_tasks, args.memory_iterations = (32, 32), [2], 2
         args.workers, args.loader_images = [0, 1], 60
     result: dict[str, Any] = {"machine": md.machine_info(), "shared": args.shared, "quick": args.quick, **RUN_ON}
+    if args.gpu:
+        result["bf16_matmul_tflops"] = matmul_rate()
+        print(f"bf16 matmul: {result['bf16_matmul_tflops']:.0f} TFLOP/s", flush=True)
     sections = {
         "gates": gates,
         "ratio": ratio,

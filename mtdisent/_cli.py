@@ -498,7 +498,7 @@ DEMO_SCALE = 0.125
 
 
 def demo_experiment(weight: float, iterations: int, seed: int = 0) -> Experiment:
-    """The embedded default: the paper's synthetic experiment at 1/8 scale (28 x 40), sized for a CPU in minutes.
+    """The embedded default: the paper's synthetic experiment at 1/8 scale (32 x 40), sized for a CPU in minutes.
 
     Differences from the public code's settings (``md.preset("paper_synthetic")``): 1/8 of the image size,
     learning rate 1e-4 instead of 1e-5 and 600 iterations instead of 10,010, 5 adversary steps on the main
