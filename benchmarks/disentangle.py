@@ -54,6 +54,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "long": ("the default with twice the iterations", {"training": {"iterations": "x2"}}),
     "erasure": ("the default plus the conditional erasure lever", {"levers": [{"name": "erasure"}]}),
+    "erasure_cumulative": (
+        "the default plus conditional erasure on exact cumulative cell means (momentum=None)",
+        {"levers": [{"name": "erasure", "args": {"momentum": None}}]},
+    ),
     "erasure_only": (
         "lambda = 0 plus the conditional erasure lever",
         {"adversary": {"weight": 0.0}, "levers": [{"name": "erasure"}]},
@@ -64,6 +68,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "multiscale": ("the default with adversaries on every encoder scale", {"adversary": {"scales": "all"}}),
     "recombine": ("the default plus image-space recombination", {"levers": [{"name": "recombine"}]}),
+    "recombine_nuisance": (
+        "the default plus image-space recombination that flips only the workload's nuisance tasks",
+        {"levers": [{"name": "recombine", "args": {"tasks": "nuisance"}}]},
+    ),
     "recombine_only": (
         "lambda = 0 plus image-space recombination",
         {"adversary": {"weight": 0.0}, "levers": [{"name": "recombine"}]},
@@ -128,7 +136,11 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def experiment(workload: str, method: str, seed: int, quick: bool) -> md.Experiment:
-    spec = merge(WORKLOADS[workload][0](seed, quick), METHODS[method][1])
+    build, _, main, nuisance = WORKLOADS[workload]
+    spec = merge(build(seed, quick), copy.deepcopy(METHODS[method][1]))
+    for lever in spec.get("levers", []):  # "nuisance": the workload's nuisance tasks (every task but the main one)
+        if lever.get("args", {}).get("tasks") == "nuisance":
+            lever["args"]["tasks"] = nuisance or [t["name"] for t in spec["tasks"] if t["name"] != main]
     spec["training"].update(checkpoint_every=spec["training"]["iterations"], device="cpu")
     spec.update(seed=seed, name=f"{workload} {method} seed={seed}")
     return md.Experiment.model_validate(spec)

@@ -218,6 +218,33 @@ def curves(runs: dict[str, Path], path: Path, main: str) -> None:
     plt.close(fig)
 
 
+def evaluate_once(
+    run: md.Run, data: md.DataSource, roles: dict[str, Any], method: str, seed: int, seconds: float, out: Path
+) -> list[dict[str, Any]]:
+    """The study's rows for one finished run, kept in ``out/study_rows.json``: a later call (more seeds, another
+    table) reads them instead of fitting the probes again. Delete the file to evaluate afresh."""
+    cache = out / "study_rows.json"
+    if cache.exists():
+        return list(json.loads(cache.read_text()))
+    model = run.model.cpu().eval()
+    cells = accuracy_cells(model, data, roles)
+    report = md.evaluate(run, data=data, split="test", which="final", layers=("features",), device="cpu")
+    pair = (roles["main"], roles["nuisance"])
+    leakage = {
+        k: report.probes["features"][k].normalised[pair]
+        for k in ("linear", "mlp", "linear_conditional", "mlp_conditional")
+    }
+    rows: list[dict[str, Any]] = [{"row": method, "seed": seed, "seconds": seconds, "cells": cells, "leakage": leakage}]
+    if method == "lambda0":  # the single-task networks (see the module docstring)
+        for task in (roles["main"], roles["nuisance"]):
+            only = {k: v for k, v in cells.items() if k.split("/")[1] == task}
+            rows.append({"row": f"{task} only", "seed": seed, "cells": only})
+    if method == "default":
+        rows.append({"row": "features of the other task", "seed": seed, "cells": other_task_cells(model, data)})
+    cache.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -243,24 +270,11 @@ def main() -> None:
             e, data, roles = experiment(args, shared, method, seed)
             out = Path(args.runs) / ("quick" if args.quick else "") / workload / method / f"seed_{seed}"
             run, seconds = shared.train_once(e, data, out)
-            model = run.model.cpu().eval()
-            cells = accuracy_cells(model, data, roles)
-            report = md.evaluate(run, data=data, split="test", which="final", layers=("features",), device="cpu")
-            pair = (roles["main"], roles["nuisance"])
-            leakage = {
-                k: report.probes["features"][k].normalised[pair]
-                for k in ("linear", "mlp", "linear_conditional", "mlp_conditional")
-            }
-            rows.append({"row": method, "seed": seed, "seconds": seconds, "cells": cells, "leakage": leakage})
-            if method == "lambda0":  # the single-task networks (see the module docstring)
-                for task in (roles["main"], roles["nuisance"]):
-                    only = {k: v for k, v in cells.items() if k.split("/")[1] == task}
-                    rows.append({"row": f"{task} only", "seed": seed, "cells": only})
-            if method == "default":
-                rows.append({"row": "features of the other task", "seed": seed, "cells": other_task_cells(model, data)})
+            mine = evaluate_once(run, data, roles, method, seed, seconds, out)
+            rows.extend(mine)
             if seed == args.seeds[0]:
                 curve_runs[method] = out
-            unseen = cells.get("unseen/" + roles["main"])
+            unseen = mine[0]["cells"].get("unseen/" + roles["main"])
             print(f"seed {seed} {method}: unseen {unseen}, {seconds:.0f} s", flush=True)
     order = [f"{roles['main']} only", f"{roles['nuisance']} only", *args.methods, "features of the other task"]
     rows.sort(key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))

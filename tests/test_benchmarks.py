@@ -67,6 +67,23 @@ def test_disentangle_study_rows_and_append(tmp_path):
     assert rows[0] == shapes_row  # kept, not retrained
 
 
+def test_disentangle_methods_resolve_the_workloads_nuisance():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("disentangle", BENCHMARKS / "disentangle.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    flipped = {w: study.experiment(w, "recombine_nuisance", 0, True).levers[0].args["tasks"] for w in study.WORKLOADS}
+    assert flipped == {
+        "shapes": ["background"],
+        "shapes_n": ["background", "foreground", "texture"],
+        "fetal": ["shadow"],
+    }
+    assert study.METHODS["recombine_nuisance"][1]["levers"][0]["args"]["tasks"] == "nuisance"  # not mutated
+    erasure = study.experiment("shapes", "erasure_cumulative", 0, True).levers[0]
+    assert (erasure.name, erasure.args) == ("erasure", {"momentum": None})
+
+
 @pytest.mark.slow
 def test_speed_benchmark_quick_gates_and_reports(tmp_path):
     proc = run(

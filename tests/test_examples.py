@@ -57,12 +57,20 @@ def test_fetal_us_on_simulated_data(tmp_path):
     result, text = check_fetal_results(tmp_path, "plane", "shadow", "lvot_with_shadow")
     assert "*paper: lambda0*" in text and "| shadow only | - | - | - | - |" in text
     assert (tmp_path / "curves.png").is_file()
-    # a second run reuses the finished runs instead of training again
+    # a second run reuses the finished runs instead of training again, and their evaluations (study_rows.json)
     before = (tmp_path / "runs" / "quick" / "fetal" / "default" / "seed_0" / "train_seconds.json").read_text()
+    rows_file = tmp_path / "runs" / "quick" / "fetal" / "lambda0" / "seed_0" / "study_rows.json"
+    cached = json.loads(rows_file.read_text())
+    assert [r["row"] for r in cached] == ["lambda0", "plane only", "shadow only"]
+    cached[0]["cells"]["unseen/plane"] = 0.125  # marks the cached rows: a re-evaluation would overwrite it
+    rows_file.write_text(json.dumps(cached))
     run(
         "fetal_us.py", "--quick", "--seeds", "0", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), cwd=tmp_path
     )
     assert (tmp_path / "runs" / "quick" / "fetal" / "default" / "seed_0" / "train_seconds.json").read_text() == before
+    again = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert next(r for r in again if r["row"] == "lambda0")["cells"]["unseen/plane"] == 0.125
+    assert [r for r in again if r["row"] != "lambda0"] == [r for r in result["rows"] if r["row"] != "lambda0"]
 
 
 def write_fetal_planes_db(root):
