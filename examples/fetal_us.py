@@ -18,7 +18,7 @@ Also written: the predicted-plane distribution on ``lvot_with_shadow`` per model
 calling everything LVOT shows there), the conditional and unconditional leakage of shadow from the plane
 features (linear and MLP probes, fitted on ``train``, scored on ``test``), and validation curves.
 
-    python examples/fetal_us.py --seeds 0 1 2 3 4             # 2-core CPU: about 4 min training + 2 min probes per model
+    python examples/fetal_us.py --seeds 0 1 2 3 4             # 2 CPU cores: ~4 min training + 2 min probes a model
     python examples/fetal_us.py --quick                       # a smoke run
     python examples/fetal_us.py --fetal-planes-db /data/FETAL_PLANES_ZENODO --holdout "Fetal brain" Aloka
 
