@@ -102,11 +102,14 @@ def _summary(console: Console, experiment: Experiment, input_shape: tuple[int, i
         table.add_row(f"encoder {t}", "x".join(map(str, model.input_shape)), str(model.feature_sizes[t]), f"{n_enc:,}")
         n_cls = n_classifier.get(t, 0)
         table.add_row(f"classifier {t}", str(model.feature_sizes[t]), str(experiment.task(t).n_classes), f"{n_cls:,}")
-    for p in model.pairs:
-        out = experiment.task(p.target).n_classes
-        inputs = model.adversaries[p.key].in_features
-        n_adv = n_adversary.get(p.key, 0)
-        table.add_row(f"adversary {p.key} (w={p.weight:g})", str(inputs), str(out), f"{n_adv:,}")
+    for h in model.adversary_heads:  # one network per pair, or per source with adversary.layout="source"
+        pairs = [p for p in model.pairs if p.source == h.source and p.member == h.member]
+        if experiment.adversary.layout == "pair":
+            pairs = [p for p in pairs if p.key == h.name]
+        weights = ", ".join(f"{p.target} w={p.weight:.3g}" if len(pairs) > 1 else f"w={p.weight:.3g}" for p in pairs)
+        out = sum(experiment.task(p.target).n_classes for p in pairs)
+        inputs, n_adv = model.adversaries[h.name].in_features, n_adversary.get(h.name, 0)
+        table.add_row(f"adversary {h.name} ({weights})", str(inputs), str(out), f"{n_adv:,}")
     n_encoders = sum(q.numel() for q in model.encoders.parameters())
     total = n_encoders + sum(n_classifier.values()) + sum(n_adversary.values())  # without stacking's class padding
     table.add_row("total", "", "", f"{total:,}")

@@ -286,6 +286,33 @@ def test_build_takes_input_shape_from_the_data_and_counts_stacked_heads(tmp_path
     assert rows["total"][2] == f"{sum(p.numel() for p in separate.parameters()):,}"
 
 
+def test_build_lists_one_adversary_network_per_source_with_its_targets(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    tasks = [md.Task(name="a", num_classes=2), md.Task(name="b", num_classes=3), md.Task(name="c", num_classes=2)]
+    e = md.Experiment(
+        tasks=tasks,
+        input_shape=(1, 8, 8),
+        backbone={"name": "dltk_residual", "args": {"filters": [4], "strides": [1], "output": "pool"}},
+        adversary={"layout": "source", "ensemble": 1, "head": {"hidden": [8]}},
+    )
+    spec = tmp_path / "spec.json"
+    spec.write_text(e.model_dump_json())
+    assert main(["build", str(spec)]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    separate = md.build_model(e.model_copy(update={"execution": md.ExecutionSpec(heads="separate")}))
+    assert [k for k in rows if k.startswith("adversary")] == [
+        "adversary a->* (b w=1, c w=1)",
+        "adversary b->* (a w=1, c w=1)",
+        "adversary c->* (a w=1, b w=1)",
+    ]
+    # input: 4 features and the source's one-hot label (conditional); output: every target's classes
+    for source, inputs, outputs in (("a", 6, 5), ("b", 7, 4), ("c", 6, 5)):
+        row = rows[next(k for k in rows if k.startswith(f"adversary {source}->*"))]
+        expected = sum(p.numel() for p in separate.adversaries[f"{source}->*"].parameters())
+        assert row == [str(inputs), str(outputs), f"{expected:,}"]
+    assert rows["total"][2] == f"{sum(p.numel() for p in separate.parameters()):,}"
+
+
 def test_build_without_input_shape_or_data_says_what_to_give(tmp_path, capsys):
     spec = tmp_path / "spec.json"
     spec.write_text(md.Experiment(tasks=[md.Task(name="a", num_classes=2)]).model_dump_json())
