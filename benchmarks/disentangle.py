@@ -83,7 +83,7 @@ def shapes(seed: int, quick: bool) -> dict[str, Any]:
     scale = 0.0625 if quick else 0.25
     base = md.preset("paper_synthetic", scale=scale, data={"name": "shapes", "args": {"scale": scale, "seed": seed}})
     spec = base.model_dump(mode="json")
-    spec["adversary"] = md.AdversarySpec(features="reuse").model_dump(mode="json")  # the library's, reused
+    spec["adversary"] = md.AdversarySpec().model_dump(mode="json")  # the library's (reused features)
     spec["training"].update(
         iterations=4 if quick else 600,
         adversary_optimizer=md.OptimizerSpec(name="sgd", lr=1e-4).model_dump(mode="json"),  # the library's
@@ -111,7 +111,7 @@ def fetal(seed: int, quick: bool) -> dict[str, Any]:
     # the CPU fetal-US setting, one definition shared with examples/fetal_us.py
     scale = {"scale": 0.1, "image_size": [32, 40], "iterations": 4} if quick else {}
     spec = md.preset("fetal_us_cpu", seed=seed, **scale).model_dump(mode="json")
-    spec["adversary"] = md.AdversarySpec(features="reuse").model_dump(mode="json")  # the library's, reused
+    spec["adversary"] = md.AdversarySpec().model_dump(mode="json")  # the library's (reused features)
     return spec
 
 

@@ -49,7 +49,8 @@ def toy_experiment(**overrides):
         backbone={"name": "dltk_residual", "args": {"filters": [4, 8], "strides": [1, 2], "output": "pool"}},
         input_shape=(1, 16, 16),
         head={"hidden": [16]},
-        adversary={"head": {"hidden": [16]}, "steps": 2, "weight": 0.1},
+        # fresh batches (not the default): the stream and resume tests count k + 1 batches per iteration
+        adversary={"head": {"hidden": [16]}, "steps": 2, "weight": 0.1, "features": "fresh"},
         training={"iterations": 6, "batch_size": 20, "optimizer": {"lr": 3e-3}, "checkpoint_every": 3, "log_every": 1},
     )
     for key, value in overrides.items():
