@@ -102,10 +102,8 @@ def _summary(console: Console, experiment: Experiment, input_shape: tuple[int, i
         table.add_row(f"encoder {t}", "x".join(map(str, model.input_shape)), str(model.feature_sizes[t]), f"{n_enc:,}")
         n_cls = n_classifier.get(t, 0)
         table.add_row(f"classifier {t}", str(model.feature_sizes[t]), str(experiment.task(t).n_classes), f"{n_cls:,}")
-    for h in model.adversary_heads:  # one network per pair, or per source with adversary.layout="source"
-        pairs = [p for p in model.pairs if p.source == h.source and p.member == h.member]
-        if experiment.adversary.layout == "pair":
-            pairs = [p for p in pairs if p.key == h.name]
+    for g, h in enumerate(model.adversary_heads):  # one network per pair, or per source with layout="source"
+        pairs = [p for p, (head, _, _) in zip(model.pairs, model._pair_slots, strict=True) if head == g]
         weights = ", ".join(f"{p.target} w={p.weight:.3g}" if len(pairs) > 1 else f"w={p.weight:.3g}" for p in pairs)
         out = sum(experiment.task(p.target).n_classes for p in pairs)
         inputs, n_adv = model.adversaries[h.name].in_features, n_adversary.get(h.name, 0)
