@@ -48,7 +48,8 @@ from mtdisent.engine import Loop, build_loop
 
 RESULTS = Path(__file__).parent / "results"
 SECTIONS = ("gates", "ratio", "default", "layout", "memory", "main", "loader")
-PAPER_ADVERSARY = {"ensemble": 1, "conditional": False, "reinit_every": 0}  # one plain adversary per pair
+# one plain adversary per pair, 256 wide
+PAPER_ADVERSARY = {"ensemble": 1, "conditional": False, "reinit_every": 0, "head": {"hidden": [256]}}
 RUN_ON = {"device": "cpu", "amp": "off"}  # where every loop runs (main() sets it from --gpu)
 
 
@@ -222,7 +223,6 @@ def head_parameters(d_in: int, hidden: list[int], k: int, batchnorm: bool = True
 def layout(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Adversary parameters at 224 x 288 (D = 64,512), counted from the built heads' formula, per layout."""
     d = md.build_model(md.Experiment.model_validate(spec(2, (224, 288)))).feature_sizes["t0"]
-    hidden = md.AdversarySpec().head.hidden
     rows = []
     for n in (2, 4, 8):
         row: dict[str, Any] = {"tasks": n, "D": d}
@@ -230,14 +230,14 @@ def layout(args: argparse.Namespace) -> list[dict[str, Any]]:
             a = md.AdversarySpec(**adversary)
             extra = 2 if a.conditional else 0
             m = a.ensemble
-            row[f"{name}_pair"] = n * (n - 1) * m * head_parameters(d + extra, hidden, 2)
-            row[f"{name}_source"] = n * m * head_parameters(d + extra, hidden, 2 * (n - 1))
+            row[f"{name}_pair"] = n * (n - 1) * m * head_parameters(d + extra, a.head.hidden, 2)
+            row[f"{name}_source"] = n * m * head_parameters(d + extra, a.head.hidden, 2 * (n - 1))
         rows.append(row)
     # the formula is the model's: check it on a model small enough to build
     e = md.Experiment.model_validate(spec(3, (64, 64), adversary={"layout": "source"}))
     built = sum(p.numel() for p in md.build_model(e).adversary_parameters())
     dd = md.build_model(e).feature_sizes["t0"] + 2
-    assert built == 3 * e.adversary.ensemble * head_parameters(dd, hidden, 4), "the parameter formula is wrong"
+    assert built == 3 * e.adversary.ensemble * head_parameters(dd, e.adversary.head.hidden, 4), "the formula is wrong"
     return rows
 
 
