@@ -14,7 +14,8 @@ Sections (``--only`` picks some):
   adversary per ordered pair, N = 2, 4, 8. *fast* = stacked heads + the Gram shortcut (the library's execution
   defaults); *naive* = the fair reference loop (one module per head, Python loops, adversary weights out of the
   main step's graph, foreach optimisers, the same reused features). Timed alternately, medians.
-* ``default``: the library's default adversaries against the paper's at N = 8 (both fast).
+* ``default``: the library's default adversaries against the paper's at N = 8 (both fast), with two cheaper variants
+  of the default timed beside them (one network per source; members 86 wide).
 * ``layout``: adversary parameters at the paper's resolution (1 x 224 x 288, flattened DLTK features,
   D = 64,512) for N = 2, 4, 8: one network per pair against one per source task (``adversary.layout``).
 * ``memory``: the default settings at 1 x 224 x 288 train (3 iterations, batch 50) for N = 2, 4, 8, each in a
@@ -192,22 +193,29 @@ def ratio(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+# cheaper variants of the default adversaries, timed beside it (their quality: benchmarks/results/study_shapes_n/)
+CHEAPER = {"source": {"layout": "source"}, "narrow": {"head": {"hidden": [86]}}}
+
+
 def default(args: argparse.Namespace) -> dict[str, Any]:
     n = max(args.tasks)
     data = data_for(n, args.size)
     loops = {
         "default": loop_for(spec(n, args.size), data),
         "paper": loop_for(spec(n, args.size, adversary=PAPER_ADVERSARY), data),
+        **{k: loop_for(spec(n, args.size, adversary=v), data) for k, v in CHEAPER.items()},
     }
     t = side_by_side(loops, args.repeats)
-    adv = md.AdversarySpec()
+    ratios = {k: t[k]["iteration_s"] / t["paper"]["iteration_s"] for k in ("default", *CHEAPER)}
     out = {
         "tasks": n,
         **t,
-        "ratio": t["default"]["iteration_s"] / t["paper"]["iteration_s"],
-        "default_adversary": adv.model_dump(mode="json"),
+        "ratio": ratios["default"],
+        "cheaper_ratios": {k: ratios[k] for k in CHEAPER},
+        "cheaper": CHEAPER,
+        "default_adversary": md.AdversarySpec().model_dump(mode="json"),
     }
-    print(f"default/paper N={n}: {out['ratio']:.2f}", flush=True)
+    print(f"default/paper N={n}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
     return out
 
 
@@ -406,6 +414,16 @@ def markdown(result: dict[str, Any]) -> str:
             f"Default adversary: {json.dumps(d['default_adversary'])}.",
             "",
         ]
+        if "cheaper_ratios" in d:  # timed in the same run, alternately with the two above
+            lines += [
+                "Cheaper variants of the default, same run: "
+                + "; ".join(
+                    f"{k} ({json.dumps(d['cheaper'][k])}) {d[k]['iteration_s']:.3f} s, **{r:.2f}**"
+                    for k, r in d["cheaper_ratios"].items()
+                )
+                + " (their quality: benchmarks/results/study_shapes_n/).",
+                "",
+            ]
     if "layout" in result:
         lines += [
             "## Adversary parameters at 1 x 224 x 288 (D = 64,512)",
