@@ -94,6 +94,7 @@ def test_speed_benchmark_quick_gates_and_reports(tmp_path):
         "--only",
         "gates",
         "ratio",
+        "default",
         "layout",
         "--out",
         str(tmp_path),
@@ -105,10 +106,16 @@ def test_speed_benchmark_quick_gates_and_reports(tmp_path):
         assert gate["gram_loss"] <= 1e-4 and gate["gram_weights"] <= 1e-2 and gate["naive_loss"] <= 2e-3
     for r in result["ratio"]:
         assert r["ratio"] == pytest.approx(r["fast"]["iteration_s"] / r["naive"]["iteration_s"])
+    d = result["default"]  # the default, the paper's and the two cheaper variants, timed in one run
+    assert set(d["cheaper_ratios"]) == {"source", "narrow"} and d["cheaper"]["narrow"] == {"head": {"hidden": [86]}}
+    for name, r in {"default": d["ratio"], **d["cheaper_ratios"]}.items():
+        assert r == pytest.approx(d[name]["iteration_s"] / d["paper"]["iteration_s"])
     by_n = {r["tasks"]: r for r in result["layout"]}
     # one network per source serves its 7 targets: 7x fewer first layers (the output layers are the same size)
     assert by_n[8]["paper_pair"] / by_n[8]["paper_source"] == pytest.approx(7, rel=1e-3)
-    assert "Iteration time: fast / naive" in (tmp_path / "speed_quick.md").read_text() and "wrote" in proc.stdout
+    report = (tmp_path / "speed_quick.md").read_text()
+    assert "Iteration time: fast / naive" in report and "Cheaper variants of the default" in report
+    assert "wrote" in proc.stdout
 
 
 @pytest.mark.slow

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
 import mtdisent as md
 from mtdisent.evaluation import leakage_matrix, majority_rate, probe_accuracy, train_probe
@@ -332,22 +334,46 @@ def test_statistics_are_checkpointed_and_loaded_with_the_model(tmp_path):
     assert not torch.allclose(loaded.features(x)["a"], raw)  # the loaded model erases
 
 
-def test_flattened_features_of_thousands_of_dimensions_are_erased_fast():
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation produces while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_flattened_features_of_thousands_of_dimensions_are_erased_at_cost_linear_in_d():
+    """At D = 4096 a training step and an inference batch cost O(B D r): no (D, D) matrix is ever formed.
+
+    Counted, not timed (speed is measured by benchmarks): matrix-product FLOPs stay far below what building or
+    applying a (D, D) projector costs (2 D^2 r and 2 B D^2), and no operation outputs a tensor larger than a few
+    (B, D) batches.
+    """
     d, batch = 4096, 50
     lever, layer = make(dim=d, classes=(2, 2), momentum=None, min_count=2)
     a, b = directions(d, 1, scale=5.0)[:2], directions(d, 2, scale=5.0)[:2]
     z, yi, yj = cells_data([[300, 100], [100, 300]], a, b, seed=0)
-    fit(lever, layer, z[:batch], yi[:batch], yj[:batch], batch=batch)  # warm up
-    start = time.perf_counter()
-    fit(lever, layer, z[batch:], yi[batch:], yj[batch:], batch=batch)
-    per_training_step = (time.perf_counter() - start) / (len(z) // batch - 1)
-    with torch.no_grad():
-        start = time.perf_counter()
-        for k in range(0, len(z), batch):
-            erase(lever, layer, z[k : k + batch])
-        per_inference = (time.perf_counter() - start) / (len(z) // batch)
-    # measured about 5 ms and 1 ms on a shared 2-core CPU; generous bounds for a busy machine
-    assert per_training_step < 0.25 and per_inference < 0.05, (per_training_step, per_inference)
+    fit(lever, layer, z[:batch], yi[:batch], yj[:batch], batch=batch)  # the basis exists from here on
+    rest = z[batch:], yi[batch:], yj[batch:]
+    batches = list(z.split(batch))
+    with _LargestTensor() as largest:
+        with FlopCounterMode(display=False) as train_flops:
+            fit(lever, layer, *rest, batch=batch)
+        with torch.no_grad(), FlopCounterMode(display=False) as inference_flops:
+            for zb in batches:
+                erase(lever, layer, zb)
+    per_training_step = train_flops.get_total_flops() / (len(z) // batch - 1)
+    per_inference = inference_flops.get_total_flops() / (len(z) // batch)
+    linear_bound = 2 * batch * d * 64  # 64 directions; one (D, D) projector costs at least 2 D^2 = 8x this
+    assert 0 < per_inference <= per_training_step < linear_bound, (per_training_step, per_inference)
+    assert largest.numel <= 4 * batch * d < d * d, largest.numel
     # exact on the fitted data at this size too (the statistics are exact cumulative means)
     fitted = layer.sources["i"].cells["j"]
     assert torch.equal(fitted.count, torch.tensor([[300, 100], [100, 300]]))
