@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from disentangle import METHODS  # the study's definitions of the variants timed here (same folder)
 
 import mtdisent as md
 from mtdisent.engine import Loop, build_loop
@@ -194,7 +195,7 @@ def ratio(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # cheaper variants of the default adversaries, timed beside it (their quality: benchmarks/results/study_shapes_n/)
-CHEAPER = {"source": {"layout": "source"}, "narrow": {"head": {"hidden": [86]}}}
+CHEAPER = {k: METHODS[k][1]["adversary"] for k in ("source", "narrow")}
 
 
 def default(args: argparse.Namespace) -> dict[str, Any]:
@@ -244,8 +245,8 @@ def layout(args: argparse.Namespace) -> list[dict[str, Any]]:
     # the formula is the model's: check it on a model small enough to build
     e = md.Experiment.model_validate(spec(3, (64, 64), adversary={"layout": "source"}))
     built = sum(p.numel() for p in md.build_model(e).adversary_parameters())
-    dd = md.build_model(e).feature_sizes["t0"] + 2
-    assert built == 3 * e.adversary.ensemble * head_parameters(dd, e.adversary.head.hidden, 4), "the formula is wrong"
+    dd, hidden = md.build_model(e).feature_sizes["t0"] + 2, e.adversary.head.hidden
+    assert built == 3 * e.adversary.ensemble * head_parameters(dd, hidden, 4), "the parameter formula is wrong"
     return rows
 
 
