@@ -52,6 +52,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
         "the default with members 86 wide: three together cost about one paper adversary 256 wide",
         {"adversary": {"head": {"hidden": [86]}}},
     ),
+    "single": (
+        "the default with one adversary per pair (ensemble 1, still conditional and re-initialised): the paper's cost",
+        {"adversary": {"ensemble": 1}},
+    ),
     "strong": (
         "the default with 10 adversary steps at learning rate 1e-3",
         {"adversary": {"steps": 10}, "training": {"adversary_optimizer": {"lr": 1e-3}}},
