@@ -50,8 +50,8 @@ from mtdisent.engine import Loop, build_loop
 
 RESULTS = Path(__file__).parent / "results"
 SECTIONS = ("gates", "ratio", "default", "layout", "memory", "main", "loader")
-# one plain adversary per pair, 256 wide
-PAPER_ADVERSARY = {"ensemble": 1, "conditional": False, "reinit_every": 0, "head": {"hidden": [256]}}
+# the study's `paper` method (one plain adversary per pair), its width pinned at the paper's 256
+PAPER_ADVERSARY = {**METHODS["paper"][1]["adversary"], "head": {"hidden": [256]}}
 RUN_ON = {"device": "cpu", "amp": "off"}  # where every loop runs (main() sets it from --gpu)
 
 
