@@ -98,6 +98,11 @@ class StackedHeads(nn.Module):
     act: nn.Module
     momentum: float
     eps: float
+    keep_first: bool = False
+    """Record the first layer's product of each training forward with gradients (the Gram shortcut sets this)."""
+    kept_first: tuple[torch.Tensor, int, torch.Tensor] | None = None
+    """(X, version of ``weights[0]``, X @ weights[0]) of the last recorded forward, detached: the Gram shortcut's
+    first product when its steps read the same X before the weights change."""
 
     def __init__(self, heads: Sequence[MLPHead], spec: HeadSpec) -> None:
         super().__init__()
@@ -164,7 +169,10 @@ class StackedHeads(nn.Module):
     def penultimate(self, x: torch.Tensor) -> torch.Tensor:
         """(G, B, D) -> (G, B, H) output of the last hidden block."""
         for layer in range(len(self.spec.hidden)):
-            x = self._block(layer, torch.bmm(x, self.weights[layer]))  # (G, B, H)
+            a = torch.bmm(x, self.weights[layer])  # (G, B, H)
+            if layer == 0 and self.keep_first and self.training and torch.is_grad_enabled():
+                self.kept_first = (x.detach(), self.weights[0]._version, a.detach())
+            x = self._block(layer, a)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -393,7 +393,8 @@ class MultiTaskModel(nn.Module):
             y = labels[t]
             k = self.experiment.task(t).n_classes
             onehot[t] = F.one_hot(y.clamp(min=0), k).to(inputs[t].dtype) * (y >= 0)[:, None]  # (B, K)
-        return [torch.cat([inputs[h.source], onehot[h.source]], dim=1) for h in self.adversary_heads]
+        joined = {t: torch.cat([inputs[t], onehot[t]], dim=1) for t in sources}  # (B, D + K), once per source
+        return [joined[h.source] for h in self.adversary_heads]
 
     def stack_adversary_inputs(
         self, features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor] | None = None

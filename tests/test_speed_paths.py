@@ -140,3 +140,64 @@ def test_channels_last_encoders_compute_the_same():
     a, b = (build_loop(toy_experiment(training={"channels_last": cl}), {"train": ToyDataset()}) for cl in (False, True))
     for _ in range(3):
         assert iterate(a)["loss/main"] == pytest.approx(iterate(b)["loss/main"], rel=1e-5)
+
+
+@pytest.mark.parametrize("a", [0.97, 0.3])  # 0.3: W_0 nearly gone from W_k, the momentum is formed from W_0 first
+@pytest.mark.parametrize("carried", [True, False])
+def test_materialised_first_layer_is_the_closed_form(a, carried):
+    """The in-place write equals W_k = a W_0 + b m_0 + X^T P and m_k = a2 W_0 + b2 m_0 + X^T Q."""
+    from types import SimpleNamespace
+
+    from mtdisent._engine._gram import _Block
+
+    g, b, d, h = 3, 5, 7, 4
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(g, b, d, generator=gen), torch.randn(g, d, h, generator=gen)
+    m0 = torch.randn(g, d, h, generator=gen) if carried else None
+    p, q = torch.randn(g, b, h, generator=gen), torch.randn(g, b, h, generator=gen)
+    w0, old_m = w.clone(), None if m0 is None else m0.clone()
+    block = _Block(SimpleNamespace(weights=[w], kept_first=None), [0, 1, 2], x, ["s", "s", "t"], m0)  # type: ignore[arg-type]
+    block.p_t, block.q_t = p.clone(), q.clone()
+    block.a, block.b, block.a2, block.b2 = a, (-0.2 if carried else 0.0), 0.05, (0.6 if carried else 0.0)
+    block.materialise(momentum=True)
+    xt = x.transpose(1, 2)
+    want_w, want_m = a * w0 + xt @ p, 0.05 * w0 + xt @ q
+    if old_m is not None:
+        want_w, want_m = want_w - 0.2 * old_m, want_m + 0.6 * old_m
+    torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-5)
+    assert block.new_momentum is not None
+    torch.testing.assert_close(block.new_momentum, want_m, rtol=1e-5, atol=1e-5)
+
+
+def test_gram_steps_start_from_the_main_steps_first_layer_product():
+    """The main step's X W_0 is reused (one (G, B, D) x (G, D, H) product fewer) only while X and W_0 are unchanged."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    (loop,) = loops({"ensemble": 2, "reinit_every": 0, "conditional": False}, modes=("gram",))  # one stack
+    iterate(loop)  # optimiser state exists from here on
+    stack = loop.model.adversaries._stacks[0]
+    g, d, h = stack.weights[0].shape
+    b = loop.experiment.training.batch_size
+
+    def flops(keep: bool) -> int:
+        stack.keep_first = keep
+        with FlopCounterMode(display=False) as counter:
+            iterate(loop)
+        assert stack.kept_first is None  # consumed (or never recorded), never left for a later batch
+        return counter.get_total_flops()
+
+    assert flops(False) - flops(True) == 2 * g * b * d * h
+    # weights changed after the main step (a re-initialisation bumps their version): the product is recomputed
+    stack.keep_first = True
+    main = loop.step.main_step
+
+    def main_then_reinitialise(lam):
+        out = main(lam)
+        loop.model.adversaries.reinitialise(loop.model.adversaries.names[:1], seed=1)
+        return out
+
+    loop.step.main_step = main_then_reinitialise
+    with FlopCounterMode(display=False) as counter:
+        iterate(loop)
+    loop.step.main_step = main
+    assert counter.get_total_flops() == flops(False)

@@ -14,8 +14,11 @@ and, multiplied by X, for A_t = X W_t and M_t = X m_t (B, H) and the Gram matrix
 So the k steps need only (B, B) and (B, H) products, and W and m are materialised once at the end as
 ``a W_0 + b m_0 + X^T P`` and ``a' W_0 + b' m_0 + X^T Q`` (scalars a, b, a', b' and (B, H) matrices P, Q follow the
 same recursion). The large (B x D x H) products drop from 2k per iteration (a forward and a weight gradient per
-step) to four (A_0, M_0 and the two materialisations), and networks that read the same source share one K.
-The rest of each network (BatchNorm, further layers, output layer) is updated by the optimiser as usual.
+step) to four (A_0, M_0 and the two materialisations), three when the main step's forward already computed A_0
+(it read the same stacked X with the same W_0: :attr:`StackedHeads.kept_first`, checked by storage and the
+weights' version counter), and networks that read the same source share one K. Everything runs in place on the
+(G, D, H) tensors (no copies of W). The rest of each network (BatchNorm, further layers, output layer) is
+updated by the optimiser as usual.
 
 It is exact in exact arithmetic (floating-point sums are reordered; ``benchmarks/speed.py`` gates it against the
 plain path). It is not exact, so not used, for other optimisers (Adam's per-coordinate scaling leaves the row
@@ -46,6 +49,11 @@ def gram_applicable(step: AdversarialStep) -> bool:
     return not (group.get("nesterov") or group.get("dampening") or group.get("maximize"))
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are views of the same memory with the same layout (the same values)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
 class _Block:
     """One stack of adversary networks (same input size) and the state of its first layer's recursion."""
 
@@ -55,7 +63,11 @@ class _Block:
         gram = {s: x[i] @ x[i].t() for s, i in first.items()}  # (B, B) per source: K = X X^T
         self.kk = torch.stack([gram[s] for s in sources])  # (G, B, B)
         self.w, self.m0 = stack.weights[0], m0  # (G, D, H)
-        self.a_t = torch.bmm(x, self.w)  # (G, B, H): X W_0
+        kept, stack.kept_first = stack.kept_first, None
+        if kept is not None and _same(kept[0], x) and kept[1] == self.w._version and kept[2].dtype == x.dtype:
+            self.a_t = kept[2].clone()  # (G, B, H): X W_0, as the main step's forward computed it
+        else:
+            self.a_t = torch.bmm(x, self.w)  # (G, B, H): X W_0
         self.m_t = torch.bmm(x, m0) if m0 is not None else torch.zeros_like(self.a_t)  # X m_0
         self.p_t, self.q_t = torch.zeros_like(self.a_t), torch.zeros_like(self.a_t)
         # W_t = a W_0 + b m_0 + X^T P_t and m_t = a2 W_0 + b2 m_0 + X^T Q_t
@@ -64,26 +76,41 @@ class _Block:
         self.new_momentum: torch.Tensor | None = None
 
     def update(self, delta: torch.Tensor, lr: float, mu: float, c: float) -> None:
-        """One step of the recursion given Delta = dL/dA (G, B, H)."""
-        self.m_t = mu * self.m_t + torch.bmm(self.kk, delta) + c * self.a_t
-        self.a_t = self.a_t - lr * self.m_t
-        self.q_t = mu * self.q_t + c * self.p_t + delta
+        """One step of the recursion given Delta = dL/dA (G, B, H), in place (each step reads the old A and P)."""
+        self.m_t.baddbmm_(self.kk, delta, beta=mu)  # M <- mu M + K Delta (+ c A)
+        if c:
+            self.m_t.add_(self.a_t, alpha=c)
+        self.a_t.sub_(self.m_t, alpha=lr)  # A <- A - eta M
+        self.q_t.mul_(mu).add_(delta)  # Q <- mu Q + Delta (+ c P)
+        if c:
+            self.q_t.add_(self.p_t, alpha=c)
+        self.p_t.sub_(self.q_t, alpha=lr)  # P <- P - eta Q
         self.a2, self.b2 = mu * self.a2 + c * self.a, mu * self.b2 + c * self.b
-        self.p_t = self.p_t - lr * self.q_t
         self.a, self.b = self.a - lr * self.a2, self.b - lr * self.b2
 
     def materialise(self, momentum: bool) -> None:
         """Write the first layer's weights (and momentum buffer) after the steps, in place.
 
-        Two batched (G, D, B) x (G, B, H) products fused with the scaled old tensors (no (G, D, H) temporaries).
+        Only in-place batched (G, D, B) x (G, B, H) products and scaled additions on the (G, D, H) tensors: no
+        (G, D, H) temporary and no copy of W (an out-of-place ``baddbmm`` copies its (G, D, H) input first). The new
+        momentum is written into the old buffer's storage, expressed through the new W (W_0 is overwritten first):
+        with r = a2 / a, m_k = r W_k + (b2 - r b) m_0 + X^T (Q - r P).
         """
         xt = self.x.transpose(1, 2)  # (G, D, B)
-        m = torch.baddbmm(self.w, xt, self.q_t, beta=self.a2) if momentum else None  # a2 W_0 + X^T Q
-        if m is not None and self.m0 is not None:
-            m.add_(self.m0, alpha=self.b2)
-        self.w.baddbmm_(xt, self.p_t, beta=self.a)  # W <- a W_0 + X^T P
-        if self.m0 is not None:
-            self.w.add_(self.m0, alpha=self.b)
+        w, m0, m = self.w, self.m0, None
+        if momentum and abs(self.a) < 0.5:  # W_0 nearly gone from W_k (huge lr * weight decay): m_k from W_0 first
+            m = torch.bmm(xt, self.q_t).add_(w, alpha=self.a2)  # a2 W_0 + X^T Q (+ b2 m_0)
+            if m0 is not None:
+                m.add_(m0, alpha=self.b2)
+        w.baddbmm_(xt, self.p_t, beta=self.a)  # W <- a W_0 + X^T P (+ b m_0)
+        if m0 is not None and self.b:
+            w.add_(m0, alpha=self.b)
+        if momentum and m is None:
+            r = self.a2 / self.a
+            q = self.q_t.sub_(self.p_t, alpha=r) if r else self.q_t  # (G, B, H): Q - r P
+            m = torch.bmm(xt, q) if m0 is None else m0.baddbmm_(xt, q, beta=self.b2 - r * self.b)
+            if r:
+                m.add_(w, alpha=r)
         self.new_momentum = m
 
 
@@ -116,7 +143,10 @@ def gram_steps(
         blocks = []
         for stack, members in zip(heads._stacks, heads.members, strict=True):
             idx = [order[n] for n in members]
-            x = inputs[idx] if isinstance(inputs, torch.Tensor) else torch.stack([inputs[i] for i in idx])
+            if isinstance(inputs, torch.Tensor):  # one stack reads them all in order: no copy
+                x = inputs if idx == list(range(len(inputs))) else inputs[idx]
+            else:
+                x = torch.stack([inputs[i] for i in idx])
             m0 = opt.state.get(stack.weights[0], {}).get("momentum_buffer")
             blocks.append(_Block(stack, idx, x.float(), [sources[i] for i in idx], m0))
     first_layers = {id(blk.w) for blk in blocks}

@@ -214,6 +214,9 @@ class AdversarialStep(Step):
                 "execution.adversary_steps: 'gram' needs adversary.features='reuse', stacked heads with one "
                 "feature size and an SGD adversary optimiser without Nesterov or dampening; use 'auto'"
             )
+        for stack in model.adversaries._stacks if self.gram else []:
+            stack.keep_first = True  # the main step's X W_0 starts the steps when they read the same X and W
+        self._main_inputs: torch.Tensor | None = None  # the main step's stacked adversary inputs, detached
 
     # -- helpers -------------------------------------------------------------------------------------
     def _targets(self, y: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -354,7 +357,11 @@ class AdversarialStep(Step):
         adversarial = None
         if self.objective.uses_adversaries:
             net = self.setup.adversaries if single else self.setup.adversaries_plain  # no sync for frozen ones
-            adv_logits = net(feats, self._transform, weights, y)  # (P, B, K_max)
+            # (G, B, D) for stacked heads (None where widths differ); the reused steps read it too. Separate heads
+            # take their inputs one by one (indexing one stack would cost a full-size gradient per head)
+            stacked = model.stack_adversary_inputs(feats, y) if model.adversaries.stacked else None
+            self._main_inputs = stacked.detach() if stacked is not None else None
+            adv_logits = net(feats if stacked is None else stacked, self._transform, weights, y)  # (P, B, K_max)
             adversarial = self.objective.encoder_terms(adv_logits, targets, weights, model.pair_classes)
         sources = [feats[p.source] for p in model.pairs]  # P x (B, D)
         own = torch.stack([y[p.source] for p in model.pairs])  # (P, B) the sources' own labels
@@ -427,6 +434,7 @@ class AdversarialStep(Step):
         self._iteration = iteration
         lam = adv.weight * lambda_schedule(adv.schedule, iteration, adv.warmup, tr.iterations)
         t0 = time.perf_counter()
+        self._main_inputs = None
         metrics, feats, y = self.main_step(lam)
         if adv.reinit_every and iteration and iteration % adv.reinit_every == 0 and self.model.pairs:
             metrics["adv_reinit"] = self.reinitialise_adversaries(iteration)  # then trained by this iteration's steps
@@ -434,7 +442,9 @@ class AdversarialStep(Step):
         if self.adversary_optimizer is not None:
             reuse = adv.features == "reuse"
             # reused features: stack the adversaries' inputs once for all k steps
-            stacked = self.model.stack_adversary_inputs(feats, y) if reuse and adv.steps > 1 else None
+            stacked = self._main_inputs if reuse else None
+            if stacked is None and reuse and adv.steps > 1:
+                stacked = self.model.stack_adversary_inputs(feats, y)
             if self.gram and adv.steps > 0:
                 heads = stacked if stacked is not None else self.model.adversary_inputs(feats, y)
                 metrics.update(gram_steps(self, heads, y, adv.steps))
