@@ -8,7 +8,8 @@
 Sections (``--only`` picks some):
 
 * ``gates``: correctness first. The Gram shortcut for the k adversary steps on reused features against the
-  plain steps (same model, same batches): losses and every weight within float tolerance over 20 iterations;
+  plain steps (same model, same batches): every weight within float tolerance after each of 20 iterations
+  started from the same state (the paper's adversaries at every N, the library's default at the second N);
   the fast path against the reference loop: the same losses over 20 iterations. The run stops if a gate fails.
 * ``ratio``: the targets' points, 1 x 64 x 64, batch 50, k = 5, reused features, the paper's one unconditional
   adversary per ordered pair, N = 2, 4, 8. *fast* = stacked heads + the Gram shortcut (the library's execution
@@ -121,42 +122,57 @@ def side_by_side(loops: dict[str, Loop], repeats: int, warmup: int = 2) -> dict[
 GATE_OPTIMIZER = {"name": "sgd", "lr": 1e-3, "momentum": 0.9}
 
 
-def gates(args: argparse.Namespace) -> dict[str, Any]:
-    """Gram == plain (losses and weights), fast == naive (losses), over ``args.gate_steps`` iterations.
+def relative_weight_difference(a: Loop, b: Loop) -> float:
+    """Largest weight difference between two loops' models, relative to each tensor's scale (at least 1e-3)."""
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    floats = [k for k in sa if sa[k].is_floating_point()]
+    return max(float((sa[k] - sb[k]).abs().max()) / max(float(sb[k].abs().max()), 1e-3) for k in floats)
 
-    The gates train the encoders with SGD: Adam divides each gradient by its running scale, so where a gradient
-    is near zero (BatchNorm shifts) it turns float-summation noise into full-size steps and the paths drift
-    apart whatever the adversaries do. SGD keeps the comparison about the paths themselves.
+
+def gates(args: argparse.Namespace) -> dict[str, Any]:
+    """Gram == plain (weights after each iteration from one state), fast == naive (losses), over ``args.gate_steps``
+    iterations.
+
+    Gram against plain: before every iteration the Gram loop is given the plain loop's weights and optimiser state,
+    and the weights after the iteration are compared (relative to each tensor's scale, at least 1e-3). The median
+    over iterations is gated at float32 precision (1e-5), the largest at 1e-3: a 1e-7 difference occasionally moves
+    a ReLU input across zero, which changes one unit's update for one sample. Free-running trajectories are reported
+    (``drift``: the largest relative difference of the main loss, and of the weights after all iterations) but not
+    gated: such flips, and parameters whose true gradient is zero (a BatchNorm shift feeding a convolution and
+    another BatchNorm, moved by summation noise alone), make two float paths drift apart whatever the shortcut
+    does. Fast against naive: the main losses of the free-running loops (the naive loop's optimiser state has
+    another layout, so it cannot be given the same start). The gates train the encoders with SGD: Adam divides each
+    gradient by its running scale and turns that noise into full-size steps.
     """
     out: dict[str, Any] = {}
-    for n in args.tasks:
+    cases = [(f"N={n}", n, PAPER_ADVERSARY) for n in args.tasks] + [(f"N={args.tasks[1]} default", args.tasks[1], {})]
+    for name, n, adversary in cases:
         data = data_for(n, args.size)
-        base = spec(n, args.size, adversary=PAPER_ADVERSARY, optimizer=GATE_OPTIMIZER, amp="off")  # float32 paths
+        base = spec(n, args.size, adversary=adversary, optimizer=GATE_OPTIMIZER, amp="off")  # float32 paths
         plain = copy.deepcopy(base)
         plain["execution"]["adversary_steps"] = "plain"
-        naive = spec(n, args.size, fast=False, adversary=PAPER_ADVERSARY, optimizer=GATE_OPTIMIZER, amp="off")
-        loops = {"gram": loop_for(base, data), "plain": loop_for(plain, data), "naive": loop_for(naive, data)}
+        naive = spec(n, args.size, fast=False, adversary=adversary, optimizer=GATE_OPTIMIZER, amp="off")
+        loops = {k: loop_for(v, data) for k, v in (("gram", base), ("plain", plain), ("naive", naive), ("free", base))}
         assert loops["gram"].step.gram and not loops["plain"].step.gram  # type: ignore[attr-defined]
-        worst = {"gram_loss": 0.0, "naive_loss": 0.0}
+        synced, drift_loss, naive_loss = [], 0.0, 0.0
         for _ in range(args.gate_steps):
+            loops["gram"].model.load_state_dict(loops["plain"].model.state_dict())
+            loops["gram"].step.load_state_dict(copy.deepcopy(loops["plain"].step.state_dict()))  # no shared buffers
             losses = {k: iterate(v)["loss/main"] for k, v in loops.items()}
-            worst["gram_loss"] = max(
-                worst["gram_loss"], abs(losses["gram"] - losses["plain"]) / max(1.0, abs(losses["plain"]))
-            )
-            worst["naive_loss"] = max(
-                worst["naive_loss"], abs(losses["gram"] - losses["naive"]) / max(1.0, abs(losses["naive"]))
-            )
-        a, b = loops["gram"].model.state_dict(), loops["plain"].model.state_dict()
-        # largest difference relative to the tensor's scale (at least 1e-3: the adversaries' output biases stay
-        # near 1e-4, where 20 iterations of momentum turn summation-order noise into a few 1e-6)
-        weight = max(
-            float((a[k] - b[k]).abs().max()) / max(float(b[k].abs().max()), 1e-3) for k in a if a[k].is_floating_point()
-        )
-        worst["gram_weights"] = weight
-        out[f"N={n}"] = worst
-        print(f"gates N={n}: {worst}", flush=True)
-        if worst["gram_loss"] > 1e-4 or weight > 1e-2 or worst["naive_loss"] > 2e-3:
-            raise SystemExit(f"correctness gate failed at N={n}: {worst}")
+            synced.append(relative_weight_difference(loops["gram"], loops["plain"]))
+            drift_loss = max(drift_loss, abs(losses["free"] - losses["plain"]) / max(1.0, abs(losses["plain"])))
+            naive_loss = max(naive_loss, abs(losses["free"] - losses["naive"]) / max(1.0, abs(losses["naive"])))
+        worst = {
+            "gram_weights_median": statistics.median(synced),
+            "gram_weights": max(synced),
+            "naive_loss": naive_loss,
+            "drift_loss": drift_loss,
+            "drift_weights": relative_weight_difference(loops["free"], loops["plain"]),
+        }
+        out[name] = worst
+        print(f"gates {name}: {worst}", flush=True)
+        if worst["gram_weights_median"] > 1e-5 or worst["gram_weights"] > 1e-3 or naive_loss > 2e-3:
+            raise SystemExit(f"correctness gate failed at {name}: {worst}")
     return out
 
 
@@ -376,15 +392,21 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     if "gates" in result:
         lines += [
-            f"## Correctness gates ({result.get('gate_steps', 20)} iterations, float32; tolerances: loss 1e-4, "
-            "weights 1e-2 of max(|w|, 1e-3), "
-            "fast vs naive loss 2e-3)",
+            f"## Correctness gates ({result.get('gate_steps', 20)} iterations, float32)",
             "",
-            "| N | Gram vs plain: max rel. loss diff | max rel. weight diff | fast vs naive: max rel. loss diff |",
+            "Gram vs plain: the weights after each iteration, both started from the plain loop's state, relative to "
+            "max(|w|, 1e-3); gated: median <= 1e-5, largest <= 1e-3 (a ReLU input crossing zero). Fast vs naive: "
+            "main losses of the free-running loops, <= 2e-3. Drift (not gated): free-running Gram vs plain, the "
+            "largest relative main-loss difference and the weight difference after all iterations.",
+            "",
+            "| case | Gram vs plain weights, median / largest | fast vs naive loss | drift: loss / weights |",
             "|---|---|---|---|",
         ]
         for k, v in result["gates"].items():
-            lines.append(f"| {k[2:]} | {v['gram_loss']:.1e} | {v['gram_weights']:.1e} | {v['naive_loss']:.1e} |")
+            lines.append(
+                f"| {k} | {v['gram_weights_median']:.1e} / {v['gram_weights']:.1e} | {v['naive_loss']:.1e} "
+                f"| {v['drift_loss']:.1e} / {v['drift_weights']:.1e} |"
+            )
         lines.append("")
     if "ratio" in result:
         lines += [
