@@ -132,3 +132,23 @@ def test_fetal_setup_recommended_two_tasks_tiny(tmp_path):
         cells = row[key]
         assert 0.0 <= cells["test"]["plane"] <= 1.0 and 0.0 <= cells["lvot_with_shadow"]["plane"] <= 1.0
         assert 0.0 <= cells["artifacts_others"]["shadow"] <= 1.0 and len(cells["test"]["plane_per_class"]) == 3
+
+
+def test_trajectory_points_end_at_the_final_model(tmp_path):
+    import mtdisent as md
+
+    args = ["--quick", "--workload", "shapes", "--method", "lambda0", "--seeds", "0", "--threads", "1"]
+    paths = ["--out", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    run("trajectory.py", *args, "--every", "2", *paths, cwd=tmp_path)
+    result = json.loads((tmp_path / "trajectory.json").read_text())
+    points = result["runs"][0]["points"]
+    assert [p["iteration"] for p in points] == [2, 4]
+    # the last checkpoint is the run's final model: the study's unseen accuracy for that run
+    out = tmp_path / "runs" / "shapes" / "lambda0" / "seed_0"
+    final = md.evaluate(out, which="final", split="unseen", probe_data=False, device="cpu")
+    assert points[-1]["unseen_accuracy"] == final.accuracy["shape"]
+    early = md.evaluate(out / "checkpoints" / "iter-00000002", split="test", probe_data=False, device="cpu")
+    assert points[0]["test_accuracy"] == early.accuracy  # every checkpoint kept, each scored on its own
+    assert "| 4 |" in (tmp_path / "trajectory.md").read_text()
+    refused = run("trajectory.py", *args, "--every", "3", *paths, cwd=tmp_path, ok=False)
+    assert "--every: 3 does not divide the run's 4 iterations" in refused.stderr
