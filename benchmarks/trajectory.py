@@ -40,9 +40,9 @@ def trajectory(
     md.train(md.Experiment.model_validate(spec), out_dir=out, resume=(out / "checkpoints").is_dir(), quiet=True)
     points = []
     for it in range(every, iterations + 1, every):
-        ckpt = out / "checkpoints" / f"iter-{it:08d}"
-        unseen = md.evaluate(ckpt, split=unseen_split, probe_data=False, device="cpu")
-        seen = md.evaluate(ckpt, split="test", probe_data=False, device="cpu")
+        model = md.load(out / "checkpoints" / f"iter-{it:08d}")  # read once, scored on both splits
+        unseen = md.evaluate(model, split=unseen_split, probe_data=False, device="cpu")
+        seen = md.evaluate(model, split="test", probe_data=False, device="cpu")
         points.append({"iteration": it, "unseen_accuracy": unseen.accuracy[main], "test_accuracy": dict(seen.accuracy)})
         print(f"{workload} {method} seed={seed} iteration {it}: unseen {unseen.accuracy[main]:.3f}", flush=True)
     return points

@@ -360,7 +360,8 @@ class AdversarialStep(Step):
             # (G, B, D) for stacked heads (None where widths differ); the reused steps read it too. Separate heads
             # take their inputs one by one (indexing one stack would cost a full-size gradient per head)
             stacked = model.stack_adversary_inputs(feats, y) if model.adversaries.stacked else None
-            self._main_inputs = stacked.detach() if stacked is not None else None
+            if stacked is not None and self.experiment.adversary.features == "reuse":  # fresh: freed with the graph
+                self._main_inputs = stacked.detach()
             adv_logits = net(feats if stacked is None else stacked, self._transform, weights, y)  # (P, B, K_max)
             adversarial = self.objective.encoder_terms(adv_logits, targets, weights, model.pair_classes)
         sources = [feats[p.source] for p in model.pairs]  # P x (B, D)
