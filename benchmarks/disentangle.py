@@ -84,6 +84,22 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
         "lambda = 0 plus image-space recombination",
         {"adversary": {"weight": 0.0}, "levers": [{"name": "recombine"}]},
     ),
+    "intervene": (
+        "the default plus the workload's intervention on its nuisance (INTERVENTIONS)",
+        {"levers": [{"name": "intervene", "args": "workload"}]},
+    ),
+    "intervene_only": (
+        "lambda = 0 plus the workload's intervention on its nuisance",
+        {"adversary": {"weight": 0.0}, "levers": [{"name": "intervene", "args": "workload"}]},
+    ),
+}
+
+# workload -> the intervene lever's arguments: a transform that shows the nuisance's missing class
+INTERVENTIONS: dict[str, dict[str, Any]] = {
+    # -x of a standardised image is the inverted image: the gray circle on white becomes a gray circle on black
+    "shapes": {"task": "background", "transform": "negate", "source": ["white"], "target": "black"},
+    # a generic shadow (dark sectors from the probe's apex), drawn on LVOT/3VV/Abd images without shadow
+    "fetal": {"task": "shadow", "transform": "shadow", "source": ["without"], "target": "with"},
 }
 
 
@@ -147,7 +163,11 @@ def experiment(workload: str, method: str, seed: int, quick: bool) -> md.Experim
     build, _, main, nuisance = WORKLOADS[workload]
     spec = merge(build(seed, quick), copy.deepcopy(METHODS[method][1]))
     for lever in spec.get("levers", []):  # "nuisance": the workload's nuisance tasks (every task but the main one)
-        if lever.get("args", {}).get("tasks") == "nuisance":
+        if lever.get("args") == "workload":
+            if workload not in INTERVENTIONS:
+                raise SystemExit(f"method {method!r}: no intervention for {workload!r}; one of {sorted(INTERVENTIONS)}")
+            lever["args"] = copy.deepcopy(INTERVENTIONS[workload])
+        elif lever.get("args", {}).get("tasks") == "nuisance":
             lever["args"]["tasks"] = nuisance or [t["name"] for t in spec["tasks"] if t["name"] != main]
     spec["training"].update(checkpoint_every=spec["training"]["iterations"], device="cpu")
     spec.update(seed=seed, name=f"{workload} {method} seed={seed}")

@@ -56,7 +56,6 @@ whose output is partitioned by factor), not a lever; image space is where a new 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -68,6 +67,8 @@ from torch import nn
 from mtdisent import ComponentError, Lever, MtdisentError
 from mtdisent._torch import eval_mode
 
+from ._synthesis import StepCount, check_common, splice, step_seed
+
 if TYPE_CHECKING:
     from mtdisent import MultiTaskModel
     from mtdisent.engine import AdversarialStep
@@ -75,7 +76,6 @@ if TYPE_CHECKING:
 __all__ = ["Recombine", "Synthesis"]
 
 _NORMS = ("sign", "l2")
-_MODES = ("append", "replace")
 
 
 class Synthesis(NamedTuple):
@@ -95,22 +95,6 @@ class Synthesis(NamedTuple):
     targets: torch.Tensor
     flipped: torch.Tensor
     positions: torch.Tensor
-
-
-class _Count(nn.Module):
-    """The number of main steps the lever has seen, as a buffer: checkpoints carry it, so resumes are exact."""
-
-    steps: torch.Tensor
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-
-
-def _seed(seed: int, count: int) -> int:
-    """A well-mixed 63-bit seed for main step ``count`` of an experiment seeded ``seed``."""
-    digest = hashlib.blake2b(f"recombine:{seed}:{count}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class Recombine(Lever):
@@ -148,8 +132,7 @@ class Recombine(Lever):
         mode: str = "append",
         start: int = 0,
     ) -> None:
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ComponentError(f"fraction={fraction!r}; expected a number in (0, 1]")
+        check_common(fraction, mode, start)
         names_ok = isinstance(tasks, Sequence) and not isinstance(tasks, str) and all(isinstance(t, str) for t in tasks)
         if tasks is not None and not (names_ok and tasks):
             raise ComponentError(f"tasks={tasks!r}; expected None (every task) or a non-empty list of task names")
@@ -163,15 +146,11 @@ class Recombine(Lever):
             isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0
         ):
             raise ComponentError(f"epsilon={epsilon!r}; expected None (unbounded) or a number > 0")
-        if mode not in _MODES:
-            raise ComponentError(f"mode={mode!r}; expected 'append' or 'replace'")
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ComponentError(f"start={start!r}; expected an integer >= 0")
         self.fraction, self.tasks, self.steps, self.step_size = float(fraction), tasks, steps, float(step_size)
         self.norm, self.epsilon, self.mode, self.start = norm, epsilon, mode, start
         self.flip_tasks: list[str] = []  # set by build: the tasks that may be flipped, in the model's order
         self._classes: list[int] = []
-        self._count: _Count | None = None
+        self._count: StepCount | None = None
         self._metrics: dict[str, float] = {}
         self.last: Synthesis | None = None
 
@@ -188,7 +167,7 @@ class Recombine(Lever):
         single = [t for t, k in zip(self.flip_tasks, self._classes, strict=True) if k < 2]
         if single:
             raise ComponentError(f"tasks: {single!r} have a single class, so there is no other class to flip to")
-        self._count = _Count()
+        self._count = StepCount()
         return self._count
 
     def metrics(self) -> dict[str, float]:
@@ -212,8 +191,9 @@ class Recombine(Lever):
         self._metrics, self.last = {}, None
         if count < self.start:
             return x, y
-        rows, tasks, targets = self._draw(x.shape[0], y, _seed(int(step.experiment.seed), count))  # (n,) each
-        n, b, device = len(rows), x.shape[0], x.device
+        seed = step_seed("recombine", int(step.experiment.seed), count)
+        rows, tasks, targets = self._draw(x.shape[0], y, seed)  # (n,) each
+        n, device = len(rows), x.device
         self._metrics = {"recombine/synthesised": float(n), "recombine/flipped": 0.0}
         if n == 0:
             return x, y
@@ -233,16 +213,7 @@ class Recombine(Lever):
             mine = tasks == t
             label = torch.where(flipped[mine], targets[mine], torch.full_like(targets[mine], -1))
             y_new[task][mine.to(y_new[task].device)] = label.to(y_new[task])
-        if self.mode == "append":
-            positions = torch.arange(b, b + n)
-            x_out = torch.cat([x, x_new])  # (B + n, C, H, W)
-            y_out = {k: torch.cat([v, y_new[k]]) for k, v in y.items()}
-        else:
-            positions = rows.clone()
-            x_out, y_out = x.clone(), {k: v.clone() for k, v in y.items()}  # (B, C, H, W)
-            x_out[rows.to(device)] = x_new
-            for k, v in y_out.items():
-                v[rows.to(v.device)] = y_new[k]
+        x_out, y_out, positions = splice(x, y, rows, x_new, y_new, self.mode)
         self._metrics["recombine/flipped"] = float(flipped.float().mean())
         self.last = Synthesis(rows, tasks, targets, flipped, positions)
         return x_out, y_out
