@@ -220,17 +220,10 @@ def recalibrated(run: md.Run, source: md.DataSource) -> md.Run:
     """
     import copy
 
+    from torch.optim.swa_utils import update_bn
+
     model = copy.deepcopy(run.model).cpu()
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the passes below
-    model.train()
-    train = source["train"]
-    with torch.no_grad():
-        for j in range(0, len(train), 50):
-            x = torch.stack([train[i][0] for i in range(j, min(j + 50, len(train)))])
-            model(x)
+    update_bn(torch.utils.data.DataLoader(source["train"], batch_size=50), model)  # one pass, exact averages
     model.eval()
     return md.Run(run.experiment, model, None, run.iteration, run.history, None, None)
 

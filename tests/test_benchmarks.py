@@ -139,9 +139,10 @@ def test_trajectory_points_end_at_the_final_model(tmp_path):
 
     args = ["--quick", "--workload", "shapes", "--method", "lambda0", "--seeds", "0", "--threads", "1"]
     paths = ["--out", str(tmp_path), "--runs", str(tmp_path / "runs")]
-    run("trajectory.py", *args, "--every", "2", *paths, cwd=tmp_path)
+    run("trajectory.py", *args, "--every", "2", "--average", "1", "2", *paths, cwd=tmp_path)
     result = json.loads((tmp_path / "trajectory.json").read_text())
-    points = result["runs"][0]["points"]
+    points, avgs = result["runs"][0]["points"], result["runs"][0]["averages"]
+    assert [a["iterations"] for a in avgs] == [[4], [2, 4]]
     assert [p["iteration"] for p in points] == [2, 4]
     # the last checkpoint is the run's final model: the study's unseen accuracy for that run
     out = tmp_path / "runs" / "shapes" / "lambda0" / "seed_0"
@@ -152,3 +153,28 @@ def test_trajectory_points_end_at_the_final_model(tmp_path):
     assert "| 4 |" in (tmp_path / "trajectory.md").read_text()
     refused = run("trajectory.py", *args, "--every", "3", *paths, cwd=tmp_path, ok=False)
     assert "--every: 3 does not divide the run's 4 iterations" in refused.stderr
+    refused = run("trajectory.py", *args, "--every", "2", "--average", "3", *paths, cwd=tmp_path, ok=False)
+    assert "--average: each K must be in 1..2" in refused.stderr
+
+
+def test_trajectory_average_is_the_mean_of_the_weights_with_batchnorm_reestimated(tmp_path, monkeypatch):
+    import torch
+
+    import mtdisent as md
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import trajectory
+
+    args = ["--quick", "--workload", "shapes", "--method", "lambda0", "--seeds", "0", "--threads", "1"]
+    run("trajectory.py", *args, "--every", "2", "--out", str(tmp_path), "--runs", str(tmp_path / "r"), cwd=tmp_path)
+    ckpts = [tmp_path / "r" / "shapes" / "lambda0" / "seed_0" / "checkpoints" / f"iter-{i:08d}" for i in (2, 4)]
+    e = trajectory.experiment("shapes", "lambda0", 0, True)
+    train = md.datasets.create(e.data.name, e.data.args)["train"]
+    model = trajectory.averaged(ckpts, train)
+    a, b, avg = md.load(ckpts[0]).state_dict(), md.load(ckpts[1]).state_dict(), model.state_dict()
+    weights = [k for k in avg if avg[k].is_floating_point() and "running" not in k]
+    assert weights and all(torch.allclose(avg[k], (a[k] + b[k]) / 2) for k in weights)
+    first_bn = next(m for m in model.encoders["shape"].modules() if isinstance(m, torch.nn.BatchNorm2d))
+    stats = [k for k in avg if k.endswith("running_mean")]
+    assert not model.training and all(not torch.equal(avg[k], b[k]) for k in stats)  # re-estimated, not kept
+    assert first_bn.momentum is not None  # update_bn restores the layers' own momentum
