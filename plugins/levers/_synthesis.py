@@ -13,7 +13,7 @@ import hashlib
 import torch
 from torch import nn
 
-from mtdisent import ComponentError
+from mtdisent import ComponentError, MtdisentError
 
 MODES = ("append", "replace")
 
@@ -26,6 +26,15 @@ class StepCount(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+
+def next_step(count: StepCount | None, lever: str) -> int:
+    """The lever's main-step count before this step, advancing it by one; an error if the lever was not built."""
+    if count is None:
+        raise MtdisentError(f"lever {lever!r}: augment before build; the model builds its levers")
+    current = int(count.steps)
+    count.steps.add_(1)
+    return current
 
 
 def step_seed(lever: str, seed: int, count: int) -> int:

@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mtdisent import ComponentError, Lever, MtdisentError, did_you_mean
+from mtdisent import ComponentError, Lever, did_you_mean
 
-from ._synthesis import StepCount, check_common, splice, step_seed
+from ._synthesis import StepCount, check_common, next_step, splice, step_seed
 
 if TYPE_CHECKING:
     from mtdisent import MultiTaskModel
@@ -226,10 +226,7 @@ class Intervene(Lever):
         self, step: AdversarialStep, x: torch.Tensor, y: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Transform the chosen samples of ``(x (B, C, H, W), {task: (B,)})``, relabel ``task``, append or replace."""
-        if self._count is None:
-            raise MtdisentError("lever 'intervene': augment before build; the model builds its levers")
-        count = int(self._count.steps)
-        self._count.steps.add_(1)
+        count = next_step(self._count, "intervene")
         self._metrics, self.last = {}, None
         if count < self.start:
             return x, y

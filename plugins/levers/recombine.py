@@ -64,10 +64,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtdisent import ComponentError, Lever, MtdisentError
+from mtdisent import ComponentError, Lever
 from mtdisent._torch import eval_mode
 
-from ._synthesis import StepCount, check_common, splice, step_seed
+from ._synthesis import StepCount, check_common, next_step, splice, step_seed
 
 if TYPE_CHECKING:
     from mtdisent import MultiTaskModel
@@ -184,10 +184,7 @@ class Recombine(Lever):
         parameters, their gradients, its BatchNorm statistics and its train/eval modes as they were; advances
         the lever's step counter by one.
         """
-        if self._count is None:
-            raise MtdisentError("lever 'recombine': augment before build; the model builds its levers")
-        count = int(self._count.steps)
-        self._count.steps.add_(1)
+        count = next_step(self._count, "recombine")
         self._metrics, self.last = {}, None
         if count < self.start:
             return x, y
