@@ -16,7 +16,8 @@ Workloads (each a base experiment; a method is a set of overrides of it):
 
 Every method and seed trains, is evaluated (final model) on the seen ``test`` split (fresh linear and MLP
 probes fitted on ``train``, conditional and unconditional) and on the unseen split, and records: seen accuracy
-per task, unseen accuracy, the leakage of the nuisance from the main task's features (normalised: 0 at the
+per task, unseen accuracy (also with the final model's BatchNorm statistics recomputed on ``train``:
+``md.recompute_batchnorm``), the leakage of the nuisance from the main task's features (normalised: 0 at the
 (within-class) majority rate, 1 perfect), the trained adversaries' accuracy and the training time. Results are
 written after every run (``--append`` continues a study; settings must match).
 
@@ -200,6 +201,12 @@ def run_one(args: argparse.Namespace, workload: str, method: str, seed: int) -> 
     def leak(kind: str) -> dict[str, float]:
         return {f"{i}->{j}": test.probes["features"][kind].normalised[(i, j)] for i, j in pairs}
 
+    # the same final model with BatchNorm statistics recomputed on the training split (training's batch size)
+    assert e.data is not None
+    data = md.datasets.create(e.data.name, e.data.args)
+    exact = md.recompute_batchnorm(copy.deepcopy(run.model), data["train"], batch_size=e.training.batch_size)
+    test_bn = md.evaluate(exact, data, split="test", probe_data=False, device="cpu")
+    unseen_bn = md.evaluate(exact, data, split=unseen_split, probe_data=False, device="cpu")
     return {
         "workload": workload,
         "method": method,
@@ -213,6 +220,11 @@ def run_one(args: argparse.Namespace, workload: str, method: str, seed: int) -> 
         "mlp_leakage": leak("mlp"),
         "linear_conditional_leakage": leak("linear_conditional"),
         "mlp_conditional_leakage": leak("mlp_conditional"),
+        "recomputed_bn": {
+            "test_accuracy": test_bn.accuracy,
+            "unseen_accuracy": unseen_bn.accuracy[main],
+            "adversary_accuracy": {f"{i}->{j}": test_bn.adversary_accuracy.get((i, j)) for i, j in pairs},
+        },
     }
 
 
@@ -224,6 +236,12 @@ def _mean(d: dict[str, float]) -> float:
 COLUMNS: list[tuple[str, Any, bool]] = [
     ("seen test, min over tasks", lambda r: min(r["test_accuracy"].values()), False),
     ("**unseen** (per seed)", lambda r: r["unseen_accuracy"], True),
+    ("unseen, BN recomputed", lambda r: r.get("recomputed_bn", {}).get("unseen_accuracy", math.nan), True),
+    (
+        "seen, BN recomputed",
+        lambda r: min(r.get("recomputed_bn", {"test_accuracy": {"": math.nan}})["test_accuracy"].values()),
+        False,
+    ),
     ("conditional linear leakage", lambda r: _mean(r["linear_conditional_leakage"]), False),
     ("conditional MLP leakage", lambda r: _mean(r["mlp_conditional_leakage"]), False),
     ("linear leakage", lambda r: _mean(r["linear_leakage"]), False),
@@ -234,13 +252,15 @@ COLUMNS: list[tuple[str, Any, bool]] = [
 
 
 def table(rows: list[dict[str, Any]], workload: str) -> str:
+    """One line per method; columns no row of the workload has (older studies: no recomputed BN) are left out."""
     rows = [r for r in rows if r["workload"] == workload]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = ["| method | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    columns = [c for c in COLUMNS if any(not math.isnan(c[1](r)) for r in rows)]
+    lines = ["| method | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         cells = []
-        for _, fn, per_seed in COLUMNS:
+        for _, fn, per_seed in columns:
             vals = [fn(r) for r in mine]
             text = format_mean_std(vals, 2)
             cells.append(f"{text} ({', '.join(f'{v:.2f}' for v in vals)})" if per_seed else text)

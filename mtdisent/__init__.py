@@ -7,6 +7,7 @@ points (see :func:`list_plugins`); the training engine's extension points are in
 
 from __future__ import annotations
 
+from ._batchnorm import recompute_batchnorm
 from ._data import DataError, DataSource
 from ._engine import Callback, CheckpointError, Run, TrainingError, TrainingInterrupted, load, train
 from ._errors import (
@@ -68,6 +69,7 @@ __all__ = [
     "Callback",
     "load",
     "evaluate",
+    "recompute_batchnorm",
     "Report",
     "Metric",
     # plugins

@@ -96,8 +96,11 @@ class StackedHeads(nn.Module):
     out_bias: nn.Parameter
     padding: torch.Tensor
     act: nn.Module
-    momentum: float
+    momentum: float | None
+    """Weight of each batch in the running statistics; ``None``: cumulative average (as torch's BatchNorm)."""
     eps: float
+    batchnorm_training: bool | None = None
+    """BatchNorm on batch statistics (updating the running ones) whatever the module's mode; ``None``: as the mode."""
     keep_first: bool = False
     """Record the first layer's product of each training forward with gradients (the Gram shortcut sets this)."""
     kept_first: tuple[torch.Tensor, int, torch.Tensor] | None = None
@@ -148,23 +151,32 @@ class StackedHeads(nn.Module):
         if self.spec.batchnorm:
             flat = x.transpose(0, 1).reshape(b, g * h)  # (B, G*H): G*H channels = G BatchNorms
             rm, rv = getattr(self, f"running_mean_{layer}"), getattr(self, f"running_var_{layer}")
+            batch_stats = self.training if self.batchnorm_training is None else self.batchnorm_training
+            tracked = getattr(self, f"num_batches_tracked_{layer}")
+            if batch_stats:
+                tracked.add_(1)
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(tracked.reshape(-1)[0])
             flat = F.batch_norm(
                 flat,
                 rm.view(-1),
                 rv.view(-1),
                 self.bn_weights[layer].reshape(-1),
                 self.bn_biases[layer].reshape(-1),
-                self.training,
-                self.momentum,
+                batch_stats,
+                momentum,
                 self.eps,
             )
-            if self.training:
-                getattr(self, f"num_batches_tracked_{layer}").add_(1)
             x = flat.view(b, g, h).transpose(0, 1)  # (G, B, H)
         x = self.act(x)
         if self.spec.dropout > 0:
             x = F.dropout(x, self.spec.dropout, self.training)
         return x
+
+    def reset_batchnorm(self) -> None:
+        """Running means 0, variances 1 and batch counts 0, as a new BatchNorm has."""
+        for layer in range(len(self.spec.hidden)):
+            for stat, value in (("running_mean", 0.0), ("running_var", 1.0), ("num_batches_tracked", 0)):
+                getattr(self, f"{stat}_{layer}").fill_(value)
 
     def penultimate(self, x: torch.Tensor) -> torch.Tensor:
         """(G, B, D) -> (G, B, H) output of the last hidden block."""
@@ -262,7 +274,7 @@ class HeadView(nn.Module):
                     stack.bn_weights[layer][g],
                     stack.bn_biases[layer][g],
                     stack.training,
-                    stack.momentum,
+                    0.0,  # the statistics are clones, discarded: nothing is updated
                     stack.eps,
                 )
             x = stack.act(x)

@@ -487,6 +487,10 @@ class TrainingSpec(SpecModel):
             Probes fitted on a small validation split read less leakage than probes fitted on the training
             split (``benchmarks/disentangle.py`` measured 0.18 against 0.69 with 300 validation images).
         tensorboard: Also log to TensorBoard when it is installed.
+        batchnorm_stats: The final model's BatchNorm statistics: ``"running"`` (the momentum averages training
+            kept) or ``"recompute"`` (exact averages over one pass of the training split at the end, without
+            augmentation: :func:`~mtdisent.recompute_batchnorm`). Checkpoints keep the running ones, so resuming
+            stays exact.
     """
 
     iterations: int = Field(default=1000, ge=1)
@@ -511,6 +515,7 @@ class TrainingSpec(SpecModel):
     select_mode: Literal["max", "min"] = "max"
     leakage_limit: float | None = Field(default=None, ge=0.0, le=1.0)
     tensorboard: bool = False
+    batchnorm_stats: Literal["running", "recompute"] = "running"
 
 
 class Experiment(SpecModel):

@@ -46,7 +46,12 @@ def test_disentangle_study_rows_and_append(tmp_path):
     assert set(shapes_row["linear_conditional_leakage"]) == {"shape->background"}
     assert set(n_row["mlp_leakage"]) == {"shape->background", "shape->foreground", "shape->texture"}
     assert len(shapes_row["unseen_confusion"]) == 2
+    # the same final model scored again with BatchNorm statistics recomputed on train
+    bn = n_row["recomputed_bn"]
+    assert set(bn["test_accuracy"]) == set(n_row["test_accuracy"]) and 0.0 <= bn["unseen_accuracy"] <= 1.0
+    assert set(bn["adversary_accuracy"]) == set(n_row["adversary_accuracy"])
     table = (tmp_path / "results.md").read_text()
+    assert "| unseen, BN recomputed | seen, BN recomputed |" in table
     assert "## shapes: unseen = shape accuracy on `unseen`" in table and "| paper |" in table
     # --append runs only what is missing, and reuses finished runs
     run(

@@ -79,8 +79,12 @@ class Callback:
 # checkpoints
 # ----------------------------------------------------------------------------------------------------
 def _specs_differ(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Top-level fields in which two experiments differ; training length and data loading may change on resume."""
-    free = {"iterations", "num_workers"}
+    """Top-level fields in which two experiments differ.
+
+    Training length, data loading and the final model's BatchNorm statistics may change on resume (none of them
+    changes an iteration).
+    """
+    free = {"iterations", "num_workers", "batchnorm_stats"}
     diffs = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
@@ -139,7 +143,7 @@ class Checkpointer(Callback):
             if diffs:
                 raise CheckpointError(
                     f"cannot resume from {str(latest)!r}: the experiment differs in {', '.join(diffs)} "
-                    "(only training.iterations and training.num_workers may change on resume)"
+                    "(only training.iterations, training.num_workers and training.batchnorm_stats may change on resume)"
                 )
             loop.load_state(tensors, state, latest)
             self.resumed_from = latest
@@ -170,11 +174,14 @@ class Checkpointer(Callback):
         prune_checkpoints(loop.out_dir, loop.experiment.training.keep_last)
         self._written = loop.iteration
 
+    def write_last(self, loop: Loop) -> None:
+        """The last iteration's checkpoint, when a callback stopped training between periodic ones."""
+        if loop.out_dir is not None and loop.is_main and self._written != loop.iteration:
+            self._write(loop)
+
     def on_train_end(self, loop: Loop) -> None:
         if loop.out_dir is None or not loop.is_main:
             return
-        if self._written != loop.iteration:  # stopped early by a callback: the last iteration gets one too
-            self._write(loop)
         export_model(loop.out_dir, loop.model, {"iteration": loop.iteration, "best": loop.best})
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed
 
+from .._batchnorm import recompute_batchnorm
 from .._data import Batch, ContractView, DataError, DataSource, _shape, resolve_data, task_classes
 from .._errors import MtdisentError, SpecError
 from .._model import build_model
@@ -152,6 +153,7 @@ class Loop:
         self.best_improved = self.should_stop = self.interrupting = False
         self.stop_signal: int | None = None
         self.chance = _chance(train_view, experiment)
+        self.train_view = train_view
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> Run:
@@ -180,6 +182,9 @@ class Loop:
             if self.dist.enabled:  # DDP broadcasts buffers before each forward; align the last statistics too
                 for buffer in self.model.buffers():
                     torch.distributed.broadcast(buffer, src=0)
+            self.checkpointer.write_last(self)  # with the running statistics: what resuming continues from
+            if tr.batchnorm_stats == "recompute":  # every rank the same full pass: the same statistics
+                recompute_batchnorm(self.model, self.train_view, batch_size=tr.batch_size)
             self._call("on_train_end")
             self.barrier()
         finally:

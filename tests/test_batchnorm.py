@@ -1,0 +1,118 @@
+"""BatchNorm statistics recomputed from data: exact averages, every kind of head, and the final model only."""
+
+import copy
+
+import pytest
+import torch
+from conftest import ToyDataset, toy_experiment
+from torch.optim.swa_utils import update_bn
+
+import mtdisent as md
+
+
+def stats(model):
+    """Every running statistic by name (canonical keys: the same for stacked and separate heads)."""
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" not in k and "num_batches" not in k}
+
+
+def trained_model(**overrides):
+    run = md.train(toy_experiment(**overrides), data=ToyDataset(), quiet=True)
+    return run.model
+
+
+class Images(torch.utils.data.Dataset):
+    """The toy images alone, for torch's update_bn (which calls model(x))."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i][0]
+
+
+def test_statistics_are_torch_update_bn_exact_averages_over_full_batches():
+    # separate heads, unconditional adversaries: every BatchNorm is a torch module that update_bn also resets
+    model = trained_model(execution={"heads": "separate"}, adversary={"conditional": False})
+    data = ToyDataset(n=110)  # two full batches of 50, the 10 left over are skipped
+    reference = copy.deepcopy(model)
+    update_bn(torch.utils.data.DataLoader(torch.utils.data.Subset(Images(data), range(100)), batch_size=50), reference)
+    before = stats(model)
+    md.recompute_batchnorm(model, data, batch_size=50)
+    after, expected = stats(model), stats(reference)
+    moved = [k for k in after if "running_mean" in k and not torch.allclose(after[k], before[k])]
+    assert any(k.startswith("encoders.") for k in moved) and any(k.startswith("adversaries.") for k in moved)
+    for key in after:
+        if "num_batches" not in key:
+            torch.testing.assert_close(after[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_stacked_heads_recompute_as_separate_heads_do():
+    # conditional adversaries read the dataset's labels here; stacked BatchNorm must equal torch's per head
+    stacked = trained_model(execution={"heads": "stacked"})
+    separate = md.build_model(toy_experiment(execution={"heads": "separate"}))
+    separate.load_state_dict(stacked.state_dict())
+    for model in (stacked, separate):
+        md.recompute_batchnorm(model, ToyDataset(n=100), batch_size=25)
+    a, b = stats(stacked), stats(separate)
+    assert a.keys() == b.keys() and any(k.startswith("adversaries.") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert all(int(v.reshape(-1)[0]) == 4 for k, v in a.items() if "num_batches" in k)  # 100 / 25 batches
+
+
+def test_weights_mode_and_momentum_are_left_as_they_were():
+    model = trained_model()
+    model.train()
+    momenta = {n: m.momentum for n, m in model.named_modules() if hasattr(m, "momentum")}
+    before = weights(model)
+    md.recompute_batchnorm(model, ToyDataset(), batch_size=20)
+    assert model.training and all(m.training for m in model.modules())
+    assert {n: m.momentum for n, m in model.named_modules() if hasattr(m, "momentum")} == momenta
+    after = weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_predictions_use_the_recomputed_statistics():
+    model = trained_model()
+    x = ToyDataset(n=40, seed=3).x
+    logits_before = model.predict_proba(x)["a"]
+    md.recompute_batchnorm(model, ToyDataset(), batch_size=20)
+    assert not torch.allclose(model.predict_proba(x)["a"], logits_before)
+
+
+def test_too_little_data_is_one_line_naming_the_split():
+    model = md.build_model(toy_experiment())
+    with pytest.raises(md.DataError, match=r"^holdout: .*one full batch of 50 images, the data has 30") as err:
+        md.recompute_batchnorm(model, ToyDataset(n=30), batch_size=50, split="holdout")
+    assert "\n" not in str(err.value)
+
+
+def test_training_option_recomputes_the_final_model_and_keeps_checkpoints_resumable(tmp_path):
+    from mtdisent._engine._checkpoint import read_checkpoint
+
+    plain = md.train(toy_experiment(), data=ToyDataset(), out_dir=tmp_path / "running", quiet=True)
+    spec = toy_experiment(training={"batchnorm_stats": "recompute"})
+    run = md.train(spec, data=ToyDataset(), out_dir=tmp_path / "recompute", quiet=True)
+    # the last checkpoint is the running-statistics state, bit for bit what training without the option writes
+    a, _ = read_checkpoint(tmp_path / "running" / "checkpoints" / "iter-00000006")
+    b, _ = read_checkpoint(tmp_path / "recompute" / "checkpoints" / "iter-00000006")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the final model: the same weights, statistics recomputed on the training split at the training batch size
+    expected = md.recompute_batchnorm(copy.deepcopy(plain.model), ToyDataset(), batch_size=20)
+    exported = md.load(tmp_path / "recompute")
+    for model in (run.model, exported):
+        for key, value in stats(expected).items():
+            torch.testing.assert_close(stats(model)[key], value, msg=key)
+        assert all(torch.equal(weights(model)[k], v) for k, v in weights(plain.model).items())
+    assert any(not torch.equal(stats(plain.model)[k], v) for k, v in stats(expected).items())
+    # switching the option on resume is allowed: it changes no iteration
+    longer = toy_experiment(training={"iterations": 9, "batchnorm_stats": "recompute"})
+    resumed = md.train(longer, data=ToyDataset(), out_dir=tmp_path / "running", resume=True, quiet=True)
+    assert resumed.iteration == 9
