@@ -93,3 +93,13 @@ def test_a_warning_is_not_needed_when_the_newest_checkpoint_is_fine(trained, rec
     longer = toy_experiment(training={"iterations": 8, "checkpoint_every": 2, "keep_last": 3})
     md.train(longer, data=ToyDataset(), out_dir=run_dir, resume=True, quiet=True)
     assert not [w for w in recwarn if issubclass(w.category, CheckpointWarning)]
+
+
+def test_restored_tensors_own_aligned_memory(trained):
+    # views into the safetensors file (unaligned offsets) changed the last bit of in-place products after resume
+    from mtdisent._engine._checkpoint import read_checkpoint
+
+    _, run_dir = trained
+    tensors, _ = read_checkpoint(run_dir / "checkpoints" / "iter-00000006")
+    storages = {v.untyped_storage().data_ptr() for v in tensors.values()}
+    assert len(storages) == len(tensors) and all(v.data_ptr() % 64 == 0 for v in tensors.values())

@@ -227,7 +227,10 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
         tensors = load_file(str(tensor_file))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint file {str(tensor_file)!r} cannot be read: {exc}") from exc
-    return tensors, state
+    # safetensors hands out views at the file's offsets (not 64-byte aligned); optimiser state restored as such
+    # views changed the last bit of in-place matrix products (baddbmm_ on an SGD momentum buffer) after a resume.
+    # Own, aligned memory per tensor, as the uninterrupted run has.
+    return {k: v.clone() for k, v in tensors.items()}, state
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
