@@ -300,7 +300,9 @@ def check_lever(name: str, *, args: dict[str, Any] | None = None, iterations: in
     """Check the lever contract on a two-task toy run.
 
     Training with the lever runs and stays finite; ``Lever.features`` keeps every task's feature shape; what
-    ``Lever.build`` made is saved with the model and :func:`~mtdisent.load` gives back the same predictions.
+    ``Lever.build`` made is saved with the model and :func:`~mtdisent.load` gives back the same predictions;
+    training stopped half way and resumed from its checkpoint ends bitwise where uninterrupted training does
+    (the lever's state and random draws are in the checkpoints).
 
     Args:
         name: Registered lever name.
@@ -326,8 +328,9 @@ def check_lever(name: str, *, args: dict[str, Any] | None = None, iterations: in
         )
     )
     label = f"lever {name!r}"
+    data = {"train": _Toy(), "val": _Toy(20, seed=1)}
     with tempfile.TemporaryDirectory() as tmp:
-        run = train(experiment, data={"train": _Toy(), "val": _Toy(20, seed=1)}, out_dir=tmp, quiet=True)
+        run = train(experiment, data=data, out_dir=tmp, quiet=True)
         for metrics in run.history:
             finite = all(v == v and abs(v) != float("inf") for v in metrics.values() if isinstance(v, float))
             assert finite, f"{label}: a logged metric is not finite: {metrics}"
@@ -339,4 +342,12 @@ def check_lever(name: str, *, args: dict[str, Any] | None = None, iterations: in
         loaded = load(tmp)
         for t, p in run.model.predict(x).items():
             assert torch.equal(p, loaded.predict(x)[t]), f"{label}: the loaded model predicts differently"
+    if iterations > 1:
+        half = experiment.training.model_copy(update={"iterations": iterations // 2})
+        with tempfile.TemporaryDirectory() as tmp:
+            train(experiment.model_copy(update={"training": half}), data=data, out_dir=tmp, quiet=True)
+            resumed = train(experiment, data=data, out_dir=tmp, resume=True, quiet=True)
+        full, again = run.model.state_dict(), resumed.model.state_dict()
+        differ = [k for k in full if not torch.equal(full[k], again[k])]
+        assert not differ, f"{label}: resumed training differs from uninterrupted training in {differ[:3]}"
     return run

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mtdisent as md
-from mtdisent.testing import backbone_names, check_backbone, check_objective, objective_names
+from mtdisent.testing import backbone_names, check_backbone, check_lever, check_objective, objective_names
 
 # Small configurations so every backbone runs quickly on the CPU.
 BACKBONE_ARGS = {
@@ -85,3 +85,23 @@ def test_objective_rejects_unknown_kwargs_by_name():
         md.objectives.create("minmax", {"strength": 2})
     with pytest.raises(md.ComponentError, match="unknown argument 'kernal'.*Did you mean 'kernel'"):
         md.objectives.create("hsic", {"kernal": "linear"})
+
+
+def test_check_lever_catches_state_left_out_of_checkpoints():
+    class Forgetful(md.Lever):
+        """Noise from a generator that checkpoints do not hold: resuming replays different draws."""
+
+        def __init__(self):
+            self.generator = torch.Generator().manual_seed(0)
+
+        def features(self, module, features, labels, training):
+            if labels is None:
+                return features
+            return {t: f + 0.1 * torch.randn(f.shape, generator=self.generator) for t, f in features.items()}
+
+    md.register("lever", "test_forgetful", Forgetful)
+    try:
+        with pytest.raises(AssertionError, match="lever 'test_forgetful': resumed training differs"):
+            check_lever("test_forgetful", iterations=2)
+    finally:
+        md.levers.unregister("test_forgetful")

@@ -171,20 +171,10 @@ def test_check_lever_passes():
     check_lever("recombine", args={"mode": "replace", "norm": "l2", "epsilon": 0.5})
 
 
-def test_exact_resume_with_the_lever_is_bitwise(tmp_path):
-    e = toy_experiment(
-        levers=[{"name": "recombine", "args": {"fraction": 0.5}}],
-        adversary={"features": "reuse"},
-        training={"iterations": 4, "checkpoint_every": 2},
-    )
-    data = {"train": ToyDataset(), "val": ToyDataset(40, seed=1)}
-    full = md.train(e, data=data, out_dir=tmp_path / "full", quiet=True)
-    short = e.model_copy(update={"training": e.training.model_copy(update={"iterations": 2})})
-    md.train(short, data=data, out_dir=tmp_path / "part", quiet=True)
-    resumed = md.train(e, data=data, out_dir=tmp_path / "part", resume=True, quiet=True)
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    assert int(a["lever_modules.0.steps"]) == 4
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_counts_its_steps_across_a_resume():
+    # check_lever trains half way and resumes: bitwise equal to the uninterrupted run
+    run = check_lever("recombine", args={"fraction": 0.5}, iterations=4)
+    assert int(run.model.state_dict()["lever_modules.0.steps"]) == 4
 
 
 def test_trains_on_tiny_shapes_and_logs_its_flips():
