@@ -204,7 +204,8 @@ def run_one(args: argparse.Namespace, workload: str, method: str, seed: int) -> 
     # the same final model with BatchNorm statistics recomputed on the training split (training's batch size)
     assert e.data is not None
     data = md.datasets.create(e.data.name, e.data.args)
-    exact = md.recompute_batchnorm(copy.deepcopy(run.model), data["train"], batch_size=e.training.batch_size)
+    train = data[e.training.train_split]
+    exact = md.recompute_batchnorm(copy.deepcopy(run.model), train, batch_size=e.training.batch_size)
     test_bn = md.evaluate(exact, data, split="test", probe_data=False, device="cpu")
     unseen_bn = md.evaluate(exact, data, split=unseen_split, probe_data=False, device="cpu")
     return {
@@ -252,10 +253,11 @@ COLUMNS: list[tuple[str, Any, bool]] = [
 
 
 def table(rows: list[dict[str, Any]], workload: str) -> str:
-    """One line per method; columns no row of the workload has (older studies: no recomputed BN) are left out."""
+    """One line per method; the recomputed-BN columns only where some row has them (older studies do not)."""
     rows = [r for r in rows if r["workload"] == workload]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    columns = [c for c in COLUMNS if any(not math.isnan(c[1](r)) for r in rows)]
+    recomputed = any("recomputed_bn" in r for r in rows)
+    columns = [c for c in COLUMNS if recomputed or "BN recomputed" not in c[0]]
     lines = ["| method | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for m in methods:
         mine = [r for r in rows if r["method"] == m]

@@ -220,11 +220,7 @@ def recalibrated(run: md.Run, source: md.DataSource) -> md.Run:
     """
     import copy
 
-    from torch.optim.swa_utils import update_bn
-
-    model = copy.deepcopy(run.model).cpu()
-    update_bn(torch.utils.data.DataLoader(source["train"], batch_size=50), model)  # one pass, exact averages
-    model.eval()
+    model = md.recompute_batchnorm(copy.deepcopy(run.model).cpu(), source["train"], batch_size=50).eval()
     return md.Run(run.experiment, model, None, run.iteration, run.history, None, None)
 
 

@@ -11,7 +11,7 @@ workloads).
 
 ``--average K ...`` also scores, for each K, the uniform average of the last K checkpoints' weights (stochastic
 weight averaging over the run's end, Izmailov et al. 2018) with its BatchNorm statistics re-estimated on the
-training split (``torch.optim.swa_utils.update_bn``: exact averages over one pass, no augmentation); K = 1 is the
+training split (``md.recompute_batchnorm``: exact averages over one pass, no flips); K = 1 is the
 final model with re-estimated statistics, which separates what the running statistics do from what the weights
 do.
 
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.optim.swa_utils import update_bn
 
 import mtdisent as md
 
@@ -64,8 +63,7 @@ def averaged(checkpoints: list[Path], train: Any) -> md.MultiTaskModel:
     model.load_state_dict(
         {k: sum(s[k] for s in states) / len(states) if v.is_floating_point() else v for k, v in states[-1].items()}
     )
-    update_bn(torch.utils.data.DataLoader(train, batch_size=50), model)  # yields (x, labels): reads x
-    return model.eval()
+    return md.recompute_batchnorm(model, train, batch_size=50).eval()
 
 
 def averages(workload: str, method: str, seed: int, every: int, runs: Path, lasts: list[int], quick: bool = False):

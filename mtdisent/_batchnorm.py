@@ -1,22 +1,23 @@
 """BatchNorm statistics re-estimated from data: what a trained model normalises with at inference.
 
 Training keeps momentum averages of the batch statistics (the DLTK encoders use momentum 0.01, TF1's default),
-so an inference model's statistics are a trailing average over weights that kept changing. On the study's
-``shapes_n`` workload that average alone moved one model's unseen accuracy from 0.45 to 0.97
-(``benchmarks/results/trajectory/NOTES.md``). :func:`recompute_batchnorm` replaces every running statistic of
-the model (encoders, classifiers, adversaries) by exact averages over one pass of a dataset, as
-``torch.optim.swa_utils.update_bn`` does for plain BatchNorm modules; ``training.batchnorm_stats="recompute"``
-applies it to the final model at the end of training.
+so an inference model's statistics are a trailing average over weights that kept changing; on the study's
+``shapes_n`` workload one model read unseen accuracy 0.97 with its running statistics and 0.45 with
+re-estimated ones (``benchmarks/results/trajectory/NOTES.md``). :func:`recompute_batchnorm` replaces every
+running statistic of the model (encoders, classifiers, adversaries, stacked or not) by exact averages over one
+pass of a dataset; ``training.batchnorm_stats="recompute"`` applies it to the final model at the end of training.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._data import ContractView, DataError, make_loader, task_classes
+from ._data import ContractView, DataError, DataSource, make_loader, sequential_batches, task_classes
+from ._errors import MtdisentError
 from ._heads import StackedHeads
 from ._model import MultiTaskModel
 from ._torch import eval_mode
@@ -25,20 +26,22 @@ __all__ = ["recompute_batchnorm"]
 
 
 def recompute_batchnorm(
-    model: MultiTaskModel, data: Any, *, batch_size: int = 50, split: str = "data"
+    model: MultiTaskModel, data: Any, *, batch_size: int = 50, num_workers: int = 0, split: str = "data"
 ) -> MultiTaskModel:
     """Re-estimate every BatchNorm running mean and variance of ``model`` from one pass over ``data``, in place.
 
     Each statistic becomes the plain average, over the pass, of the per-batch statistics a training forward
     computes (cumulative averaging, not momentum). Only BatchNorm runs in training mode: dropout and the levers
-    behave as at inference, nothing is augmented and no weight changes. Conditional adversaries read the
-    dataset's labels, as in training. A last batch smaller than ``batch_size`` is skipped (a batch of one has no
-    variance); the model's train/eval mode is restored afterwards.
+    behave as at inference, and neither random flips nor the levers' batch changes are applied (a transform the
+    dataset itself applies still is). Conditional adversaries read the dataset's labels, as in training. Only
+    full batches are used (a batch of one has no variance). The model's mode is restored afterwards; if the pass
+    fails, the previous statistics are put back. A model without BatchNorm is returned unchanged.
 
     Args:
         model: The trained model.
-        data: A dataset following the data contract (items ``(image, {task: label})``), usually the training split.
-        batch_size: Images per forward pass; the training batch size reproduces training's batch statistics.
+        data: One split following the data contract (items ``(image, {task: label})``), usually the training one.
+        batch_size: Images per forward pass (at least 2); training's batch size reproduces its batch statistics.
+        num_workers: DataLoader worker processes.
         split: The data's name, for error messages.
 
     Returns:
@@ -46,18 +49,34 @@ def recompute_batchnorm(
 
     Raises:
         DataError: ``data`` has fewer than ``batch_size`` samples, or breaks the data contract.
+        MtdisentError: ``batch_size`` is not an integer of at least 2, or ``data`` holds several splits.
     """
-    view = data if isinstance(data, ContractView) else ContractView(data, task_classes(model.experiment), None, split)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise MtdisentError(
+            f"batch_size: expected an integer of at least 2 (BatchNorm needs a batch), got {batch_size!r}"
+        )
+    if isinstance(data, (DataSource, Mapping)):
+        raise MtdisentError(
+            f"data: pass one split (for example data['train']), not {len(data)} splits ({sorted(data)})"
+        )
+    plain = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    stacks = [m for m in model.modules() if isinstance(m, StackedHeads) and m.spec.batchnorm]
+    if not plain and not stacks:
+        return model
+    if isinstance(data, ContractView):
+        view, split = data, data.split
+    else:
+        view = ContractView(data, task_classes(model.experiment), model.input_shape, split)
     if view.n < batch_size:
         raise DataError(
             f"{split}: recomputing BatchNorm statistics needs at least one full batch of {batch_size} images, "
             f"the data has {view.n}; pass a smaller batch_size or more data"
         )
-    plain = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    stacks = [m for m in model.modules() if isinstance(m, StackedHeads) and m.spec.batchnorm]
-    momenta = [m.momentum for m in plain], [s.momentum for s in stacks]
+    buffers = [b for m in [*plain, *stacks] for b in m.buffers(recurse=False)]
+    saved = [b.clone() for b in buffers]
+    settings = [m.momentum for m in plain], [(s.momentum, s.batchnorm_training) for s in stacks]
     device = next(model.parameters()).device
-    batches = [list(range(s, s + batch_size)) for s in range(0, view.n - batch_size + 1, batch_size)]
+    batches = [b for b in sequential_batches(view.n, batch_size) if len(b) == batch_size]
     with eval_mode(model), torch.no_grad():
         for m in plain:
             m.reset_running_stats()
@@ -65,17 +84,22 @@ def recompute_batchnorm(
             m.train()
         for s in stacks:
             s.reset_batchnorm()
-            s.batchnorm_training, s.momentum = True, None
+            s.momentum, s.batchnorm_training = None, True
         try:
-            for x, labels, _ in make_loader(view, batches):
+            loader = make_loader(view, batches, num_workers=num_workers, pin_memory=device.type == "cuda")
+            for x, labels, _ in loader:
                 labels = {t: y.to(device) for t, y in labels.items()}
                 features = model.encode(x.to(device))
                 model.classify(features)
                 if model.pairs:
                     model.adversary_logits(features, labels=labels)
+        except BaseException:
+            for b, value in zip(buffers, saved, strict=True):
+                b.copy_(value)
+            raise
         finally:
-            for m, momentum in zip(plain, momenta[0], strict=True):
+            for m, momentum in zip(plain, settings[0], strict=True):
                 m.momentum = momentum
-            for s, momentum in zip(stacks, momenta[1], strict=True):
-                s.batchnorm_training, s.momentum = None, momentum
+            for s, (momentum, mode) in zip(stacks, settings[1], strict=True):
+                s.momentum, s.batchnorm_training = momentum, mode
     return model

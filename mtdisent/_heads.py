@@ -97,7 +97,7 @@ class StackedHeads(nn.Module):
     padding: torch.Tensor
     act: nn.Module
     momentum: float | None
-    """Weight of each batch in the running statistics; ``None``: cumulative average (as torch's BatchNorm)."""
+    """Weight of each batch in the running statistics; ``None``: their plain average since :meth:`reset_batchnorm`."""
     eps: float
     batchnorm_training: bool | None = None
     """BatchNorm on batch statistics (updating the running ones) whatever the module's mode; ``None``: as the mode."""
@@ -155,7 +155,9 @@ class StackedHeads(nn.Module):
             tracked = getattr(self, f"num_batches_tracked_{layer}")
             if batch_stats:
                 tracked.add_(1)
-            momentum = self.momentum if self.momentum is not None else 1.0 / float(tracked.reshape(-1)[0])
+            momentum = self.momentum
+            if momentum is None:  # cumulative: every member ran every batch since reset_batchnorm()
+                momentum = 1.0 / float(tracked.reshape(-1)[0]) if batch_stats else 0.0
             flat = F.batch_norm(
                 flat,
                 rm.view(-1),
@@ -173,8 +175,8 @@ class StackedHeads(nn.Module):
         return x
 
     def reset_batchnorm(self) -> None:
-        """Running means 0, variances 1 and batch counts 0, as a new BatchNorm has."""
-        for layer in range(len(self.spec.hidden)):
+        """Running means 0, variances 1 and batch counts 0, as a new BatchNorm has (nothing without BatchNorm)."""
+        for layer in range(len(self.spec.hidden) if self.spec.batchnorm else 0):
             for stat, value in (("running_mean", 0.0), ("running_var", 1.0), ("num_batches_tracked", 0)):
                 getattr(self, f"{stat}_{layer}").fill_(value)
 

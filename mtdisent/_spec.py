@@ -488,9 +488,11 @@ class TrainingSpec(SpecModel):
             split (``benchmarks/disentangle.py`` measured 0.18 against 0.69 with 300 validation images).
         tensorboard: Also log to TensorBoard when it is installed.
         batchnorm_stats: The final model's BatchNorm statistics: ``"running"`` (the momentum averages training
-            kept) or ``"recompute"`` (exact averages over one pass of the training split at the end, without
-            augmentation: :func:`~mtdisent.recompute_batchnorm`). Checkpoints keep the running ones, so resuming
-            stays exact.
+            kept) or ``"recompute"`` (exact averages over one pass of the training split at the end, at the
+            training batch size, without flips: :func:`~mtdisent.recompute_batchnorm`). Only the final model
+            (``Run.model``, ``model.safetensors``) has them: checkpoints, the best one included, keep the running
+            ones (so resuming stays exact), and validation used the running ones. Under torchrun every process
+            makes the same whole pass.
     """
 
     iterations: int = Field(default=1000, ge=1)

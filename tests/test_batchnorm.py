@@ -87,11 +87,74 @@ def test_predictions_use_the_recomputed_statistics():
     assert not torch.allclose(model.predict_proba(x)["a"], logits_before)
 
 
-def test_too_little_data_is_one_line_naming_the_split():
+@pytest.mark.parametrize(
+    "data, batch_size, error, match",
+    [
+        (ToyDataset(n=30), 50, md.DataError, r"^holdout: .*one full batch of 50 images, the data has 30"),
+        (ToyDataset(n=30), 1, md.MtdisentError, r"^batch_size: expected an integer of at least 2.*got 1"),
+        (ToyDataset(n=30), -1, md.MtdisentError, r"^batch_size: .*got -1"),
+        ({"train": ToyDataset(n=30)}, 10, md.MtdisentError, r"^data: pass one split .*\['train'\]"),
+    ],
+)
+def test_bad_input_is_one_line_naming_what_is_wrong(data, batch_size, error, match):
     model = md.build_model(toy_experiment())
-    with pytest.raises(md.DataError, match=r"^holdout: .*one full batch of 50 images, the data has 30") as err:
-        md.recompute_batchnorm(model, ToyDataset(n=30), batch_size=50, split="holdout")
+    before = stats(model)
+    with pytest.raises(error, match=match) as err:
+        md.recompute_batchnorm(model, data, batch_size=batch_size, split="holdout")
     assert "\n" not in str(err.value)
+    assert all(torch.equal(v, stats(model)[k]) for k, v in before.items())
+
+
+class BreaksAt(ToyDataset):
+    """Breaks the data contract (a label out of range) at one index."""
+
+    def __init__(self, index, **kwargs):
+        super().__init__(**kwargs)
+        self.index = index
+
+    def __getitem__(self, i):
+        x, labels = super().__getitem__(i)
+        return (x, {**labels, "a": 7}) if i == self.index else (x, labels)
+
+
+def test_a_pass_that_fails_leaves_the_statistics_momentum_and_mode_as_they_were():
+    model = trained_model()
+    model.eval()
+    before, momenta = stats(model), {n: m.momentum for n, m in model.named_modules() if hasattr(m, "momentum")}
+    with pytest.raises(md.DataError):
+        md.recompute_batchnorm(model, BreaksAt(70, n=100), batch_size=20)  # fails in the fourth batch
+    assert all(torch.equal(v, stats(model)[k]) for k, v in before.items())
+    assert {n: m.momentum for n, m in model.named_modules() if hasattr(m, "momentum")} == momenta
+    assert not any(m.training for m in model.modules())
+    assert all(s.batchnorm_training is None for s in model.modules() if hasattr(s, "batchnorm_training"))
+
+
+class Pooled(torch.nn.Module):
+    """A backbone without BatchNorm: a convolution, then global average pooling."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.conv, self.num_features = torch.nn.Conv2d(in_channels, 4, 3), 4
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=(2, 3))  # (B, 4)
+
+
+def test_a_model_without_batchnorm_is_returned_unchanged():
+    md.register("backbone", "test_pooled", Pooled)
+    try:
+        model = md.build_model(
+            toy_experiment(
+                backbone={"name": "test_pooled", "args": {}},
+                head={"hidden": [16], "batchnorm": False},
+                adversary={"head": {"hidden": [16], "batchnorm": False}},
+            )
+        )
+    finally:
+        md.backbones.unregister("test_pooled")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert md.recompute_batchnorm(model, ToyDataset(n=10), batch_size=50) is model  # no error: nothing to do
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
 def test_training_option_recomputes_the_final_model_and_keeps_checkpoints_resumable(tmp_path):
@@ -112,7 +175,28 @@ def test_training_option_recomputes_the_final_model_and_keeps_checkpoints_resuma
             torch.testing.assert_close(stats(model)[key], value, msg=key)
         assert all(torch.equal(weights(model)[k], v) for k, v in weights(plain.model).items())
     assert any(not torch.equal(stats(plain.model)[k], v) for k, v in stats(expected).items())
+
+    # a run a callback stops between periodic checkpoints: its last checkpoint still holds the running statistics
+    class StopAt4(md.Callback):
+        def on_iteration_end(self, loop, metrics):
+            loop.should_stop = loop.iteration == 4
+
+    stopped = md.train(spec, data=ToyDataset(), out_dir=tmp_path / "stopped", quiet=True, callbacks=[StopAt4()])
+    last, _ = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "iter-00000004")
+    reference = md.train(toy_experiment(training={"iterations": 4}), data=ToyDataset(), quiet=True).model
+    assert stopped.iteration == 4
+    assert all(torch.equal(last[f"model.{k}"], v) for k, v in reference.state_dict().items())
     # switching the option on resume is allowed: it changes no iteration
     longer = toy_experiment(training={"iterations": 9, "batchnorm_stats": "recompute"})
     resumed = md.train(longer, data=ToyDataset(), out_dir=tmp_path / "running", resume=True, quiet=True)
     assert resumed.iteration == 9
+    assert not all(
+        torch.equal(stats(resumed.model)[k], v) for k, v in stats(md.load(tmp_path / "running", "latest")).items()
+    )
+
+
+def test_training_refuses_recompute_without_a_full_batch_before_training(tmp_path):
+    spec = toy_experiment(training={"batchnorm_stats": "recompute", "batch_size": 50})
+    with pytest.raises(md.DataError, match=r"^training.batchnorm_stats: 'recompute' needs one full batch of 50"):
+        md.train(spec, data=ToyDataset(n=40), out_dir=tmp_path, quiet=True)
+    assert not (tmp_path / "checkpoints").exists()

@@ -103,8 +103,9 @@ class Checkpointer(Callback):
     ``restart``). Without ``resume`` a directory that holds checkpoints is refused. ``restart`` moves the
     directory's previous outputs into ``discarded-<time>/`` and starts from iteration 0. Every
     ``training.checkpoint_every`` iterations, at the end and when stopping, it writes ``checkpoints/iter-N``
-    (keeping the last ``training.keep_last``); when validation finds a new best, ``checkpoints/best`` (or, for
-    a run without a directory, a copy of the weights in memory); at the end, the inference model.
+    (keeping the last ``training.keep_last``; the loop calls :meth:`write_last` for a run a callback stopped
+    between them); when validation finds a new best, ``checkpoints/best`` (or, for a run without a directory, a
+    copy of the weights in memory); at the end, the inference model.
     """
 
     def __init__(self, resume: bool = False, restart: bool = False) -> None:

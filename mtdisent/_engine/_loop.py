@@ -152,6 +152,11 @@ class Loop:
         self.best: dict[str, Any] | None = None
         self.best_improved = self.should_stop = self.interrupting = False
         self.stop_signal: int | None = None
+        if tr.batchnorm_stats == "recompute" and train_view.n < tr.batch_size:  # refused now, not after training
+            raise DataError(
+                f"training.batchnorm_stats: 'recompute' needs one full batch of {tr.batch_size} images from split "
+                f"{tr.train_split!r}, which has {train_view.n}; use 'running' or a smaller training.batch_size"
+            )
         self.chance = _chance(train_view, experiment)
         self.train_view = train_view
 
@@ -184,7 +189,7 @@ class Loop:
                     torch.distributed.broadcast(buffer, src=0)
             self.checkpointer.write_last(self)  # with the running statistics: what resuming continues from
             if tr.batchnorm_stats == "recompute":  # every rank the same full pass: the same statistics
-                recompute_batchnorm(self.model, self.train_view, batch_size=tr.batch_size)
+                recompute_batchnorm(self.model, self.train_view, batch_size=tr.batch_size, num_workers=tr.num_workers)
             self._call("on_train_end")
             self.barrier()
         finally:
