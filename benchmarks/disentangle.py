@@ -193,12 +193,15 @@ def run_one(args: argparse.Namespace, workload: str, method: str, seed: int) -> 
     e = experiment(workload, method, seed, args.quick)
     out = Path(args.runs) / ("quick" if args.quick else "") / workload / method / f"seed_{seed}"
     run, seconds = train_once(e, None, out)
-    test = md.evaluate(run, split="test", which="final", layers=("features",), device="cpu")
+    probe_data = None if args.probes else False  # None: the spec's train split
+    test = md.evaluate(run, split="test", which="final", layers=("features",), probe_data=probe_data, device="cpu")
     unseen = md.evaluate(run, split=unseen_split, which="final", probe_data=False, device="cpu")
     targets = nuisance or [t for t in e.task_names if t != main]
     pairs = [(main, t) for t in targets]
 
     def leak(kind: str) -> dict[str, float]:
+        if not args.probes:
+            return {}
         return {f"{i}->{j}": test.probes["features"][kind].normalised[(i, j)] for i, j in pairs}
 
     # the same final model with BatchNorm statistics recomputed on the training split (training's batch size)
@@ -337,6 +340,12 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "study"))
     p.add_argument("--runs", default="runs/study", help="run directories (shared with examples/fetal_us.py)")
     p.add_argument("--append", action="store_true", help="keep the rows of an earlier results.json in --out")
+    p.add_argument(
+        "--no-probes",
+        dest="probes",
+        action="store_false",
+        help="skip the leakage probes (accuracies only; the row's leakage stays empty, shown as '-')",
+    )
     args = p.parse_args()
     import torch
 
