@@ -193,24 +193,16 @@ def run_one(args: argparse.Namespace, workload: str, method: str, seed: int) -> 
     e = experiment(workload, method, seed, args.quick)
     out = Path(args.runs) / ("quick" if args.quick else "") / workload / method / f"seed_{seed}"
     run, seconds = train_once(e, None, out)
-    probe_data = None if args.probes else False  # None: the spec's train split
-    test = md.evaluate(run, split="test", which="final", layers=("features",), probe_data=probe_data, device="cpu")
-    unseen = md.evaluate(run, split=unseen_split, which="final", probe_data=False, device="cpu")
+    data = spec_data(run.model)
+    probe_data = None if args.probes else False  # None: the data's train split
+    test = md.evaluate(
+        run, data, split="test", which="final", layers=("features",), probe_data=probe_data, device="cpu"
+    )
+    unseen = md.evaluate(run, data, split=unseen_split, which="final", probe_data=False, device="cpu")
     targets = nuisance or [t for t in e.task_names if t != main]
     pairs = [(main, t) for t in targets]
 
-    def leak(kind: str) -> dict[str, float]:
-        if not args.probes:
-            return {}
-        return {f"{i}->{j}": test.probes["features"][kind].normalised[(i, j)] for i, j in pairs}
-
-    # the same final model with BatchNorm statistics recomputed on the training split (training's batch size)
-    assert e.data is not None
-    data = md.datasets.create(e.data.name, e.data.args)
-    train = data[e.training.train_split]
-    exact = md.recompute_batchnorm(copy.deepcopy(run.model), train, batch_size=e.training.batch_size)
-    test_bn = md.evaluate(exact, data, split="test", probe_data=False, device="cpu")
-    unseen_bn = md.evaluate(exact, data, split=unseen_split, probe_data=False, device="cpu")
+    leak = leakage(test, pairs) if args.probes else dict.fromkeys(LEAKAGE, {})
     return {
         "workload": workload,
         "method": method,
@@ -220,15 +212,58 @@ def run_one(args: argparse.Namespace, workload: str, method: str, seed: int) -> 
         "unseen_accuracy": unseen.accuracy[main],
         "unseen_confusion": unseen.metrics[main].confusion,
         "adversary_accuracy": {f"{i}->{j}": test.adversary_accuracy.get((i, j)) for i, j in pairs},
-        "linear_leakage": leak("linear"),
-        "mlp_leakage": leak("mlp"),
-        "linear_conditional_leakage": leak("linear_conditional"),
-        "mlp_conditional_leakage": leak("mlp_conditional"),
-        "recomputed_bn": {
-            "test_accuracy": test_bn.accuracy,
-            "unseen_accuracy": unseen_bn.accuracy[main],
-            "adversary_accuracy": {f"{i}->{j}": test_bn.adversary_accuracy.get((i, j)) for i, j in pairs},
-        },
+        **leak,
+        "recomputed_bn": scores(recomputed(run.model, data), data, unseen_split, main, pairs),
+    }
+
+
+# row key -> probe kind of md.evaluate
+LEAKAGE = {
+    "linear_leakage": "linear",
+    "mlp_leakage": "mlp",
+    "linear_conditional_leakage": "linear_conditional",
+    "mlp_conditional_leakage": "mlp_conditional",
+}
+
+
+def leakage(test: md.Report, pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+    """The normalised leakage of each pair (main -> nuisance) by each probe kind, from a report with probes."""
+    probes = test.probes["features"]
+    return {key: {f"{i}->{j}": probes[kind].normalised[(i, j)] for i, j in pairs} for key, kind in LEAKAGE.items()}
+
+
+def fill_probes(args: argparse.Namespace, row: dict[str, Any]) -> None:
+    """Give a row made with --no-probes its leakage, from its finished run (the final model, as run_one would)."""
+    _, _, main, nuisance = WORKLOADS[row["workload"]]
+    out = Path(args.runs) / ("quick" if args.quick else "") / row["workload"] / row["method"] / f"seed_{row['seed']}"
+    model = md.load(out, "final")
+    pairs = [(main, t) for t in (nuisance or [t for t in model.task_names if t != main])]
+    row.update(leakage(md.evaluate(model, split="test", layers=("features",), device="cpu"), pairs))
+
+
+def spec_data(model: md.MultiTaskModel) -> md.DataSource:
+    """The data the model's spec names (what it trained on), built once."""
+    e = model.experiment
+    assert e.data is not None, "the spec names no dataset"
+    return md.datasets.create(e.data.name, e.data.args)
+
+
+def recomputed(model: md.MultiTaskModel, data: md.DataSource) -> md.MultiTaskModel:
+    """A copy of ``model`` with BatchNorm statistics recomputed on the training split of ``data``, at its batch size."""
+    tr = model.experiment.training
+    return md.recompute_batchnorm(copy.deepcopy(model), data[tr.train_split], batch_size=tr.batch_size)
+
+
+def scores(
+    model: md.MultiTaskModel, data: md.DataSource, unseen_split: str, main: str, pairs: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """Accuracies without probes: every task on ``test``, ``main`` on the unseen split, the trained adversaries."""
+    test = md.evaluate(model, data, split="test", probe_data=False, device="cpu")
+    unseen = md.evaluate(model, data, split=unseen_split, probe_data=False, device="cpu")
+    return {
+        "test_accuracy": test.accuracy,
+        "unseen_accuracy": unseen.accuracy[main],
+        "adversary_accuracy": {f"{i}->{j}": test.adversary_accuracy.get((i, j)) for i, j in pairs},
     }
 
 
@@ -341,6 +376,11 @@ def main() -> None:
     p.add_argument("--runs", default="runs/study", help="run directories (shared with examples/fetal_us.py)")
     p.add_argument("--append", action="store_true", help="keep the rows of an earlier results.json in --out")
     p.add_argument(
+        "--fill-probes",
+        action="store_true",
+        help="with --append: first give the chosen rows made with --no-probes their leakage (from their runs)",
+    )
+    p.add_argument(
         "--no-probes",
         dest="probes",
         action="store_false",
@@ -363,6 +403,15 @@ def main() -> None:
             )
         rows = earlier["rows"]
     done = {(r["workload"], r["method"], r["seed"]) for r in rows}
+    if args.fill_probes:  # rows of the chosen workloads, methods and seeds made with --no-probes
+        for row in rows:
+            chosen = row["workload"] in args.workloads and row["method"] in args.methods and row["seed"] in args.seeds
+            if chosen and args.probes and not row["linear_leakage"]:
+                fill_probes(args, row)
+                print(f"{row['workload']} {row['method']} seed={row['seed']}: probes filled in", flush=True)
+                result = {"settings": settings, "machine": md.machine_info(), "rows": rows}
+                (out / "results.json").write_text(json.dumps(result, indent=1))
+                (out / "results.md").write_text(markdown(result))
     for workload in args.workloads:
         for method in args.methods:
             for seed in args.seeds:

@@ -70,6 +70,17 @@ def test_disentangle_study_rows_and_append(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [(r["workload"], r["method"], r["seed"]) for r in rows] == [*keys, ("shapes", "lambda0", 1)]
     assert rows[0] == shapes_row  # kept, not retrained
+    # --no-probes leaves the leakage empty; --fill-probes gives that row its probes from the finished run
+    chosen = ["--workloads", "shapes", "--methods", "default", "--seeds", "0", *common]
+    run("disentangle.py", "--append", "--no-probes", *chosen, cwd=tmp_path)
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][-1]
+    assert row["method"] == "default" and row["mlp_conditional_leakage"] == {} and row["test_accuracy"]
+    run("disentangle.py", "--append", "--fill-probes", *chosen, cwd=tmp_path)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == 6  # filled in place, nothing trained or appended
+    assert set(rows[-1]["mlp_conditional_leakage"]) == {"shape->background"}
+    unchanged = [k for k in row if "leakage" not in k]
+    assert all(rows[-1][k] == row[k] for k in unchanged)
 
 
 def test_disentangle_methods_resolve_the_workloads_nuisance():
