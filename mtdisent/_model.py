@@ -188,6 +188,7 @@ class MultiTaskModel(nn.Module):
     """
 
     _pair_head: torch.Tensor  # (P,) the network of each pair (adversary.layout="source")
+    _head_pair: torch.Tensor  # (G,) one pair of each network (adversary.layout="source")
     _pair_cols: torch.Tensor  # (P, K_max) its logits' columns in that network's output
     _pair_pad: torch.Tensor  # (P, K_max) True past the pair's classes
 
@@ -265,6 +266,8 @@ class MultiTaskModel(nn.Module):
             k_max = max(self.pair_classes)
             cols = torch.tensor([[o + min(c, k - 1) for c in range(k_max)] for _, o, k in slots])  # (P, K_max)
             self.register_buffer("_pair_head", torch.tensor([h for h, _, _ in slots]), persistent=False)
+            first = [[h for h, _, _ in slots].index(g) for g in range(len(self.adversary_heads))]
+            self.register_buffer("_head_pair", torch.tensor(first), persistent=False)  # (G,) a pair of each network
             self.register_buffer("_pair_cols", cols, persistent=False)
             pad = torch.arange(k_max)[None, :] >= torch.tensor(self.pair_classes)[:, None]
             self.register_buffer("_pair_pad", pad, persistent=False)  # (P, K_max)
@@ -418,19 +421,16 @@ class MultiTaskModel(nn.Module):
 
         ``features`` may also be the output of :meth:`stack_adversary_inputs`. Pair p's logits past its
         target's classes are ``-inf``. ``transform(x, w)`` (an objective's ``adversary_input``) is applied to
-        the (P, B, D) stacked inputs with ``weights`` (P,) reshaped to (P, 1, 1) first (pair layout only: with
-        ``adversary.layout="source"`` a network serves several pairs). ``labels`` (``{task: (B,)}``) condition
-        conditional adversaries.
+        the (P, B, D) stacked inputs with ``weights`` (P,) reshaped to (P, 1, 1) first; with
+        ``adversary.layout="source"`` a network serves several pairs and reads its input once, transformed with the
+        weight of its pairs (the engine refuses pairs of one network with different weights). ``labels``
+        (``{task: (B,)}``) condition conditional adversaries.
         """
         inputs = features if isinstance(features, torch.Tensor) else self.adversary_inputs(features, labels)
         if not self._shared:
             return self.adversaries.run_padded(inputs, transform, weights)
-        if transform is not None:
-            raise MtdisentError(
-                "adversary.layout='source': one adversary network serves several pairs, so an objective that "
-                "transforms the adversaries' inputs per pair (gradient_reversal) needs adversary.layout='pair'"
-            )
-        return self.pair_logits(self.adversaries.run_padded(inputs))
+        head_weights = weights[self._head_pair] if weights is not None else None  # (G,)
+        return self.pair_logits(self.adversaries.run_padded(inputs, transform, head_weights))
 
     def pair_logits(self, head_logits: torch.Tensor) -> torch.Tensor:
         """(G, B, K_head) logits of the adversary networks -> (P, B, K_max) per pair, ``-inf`` past its classes."""

@@ -398,7 +398,9 @@ class AdversarySpec(SpecModel):
         layout: ``"pair"``: one adversary network per ordered pair (i, j) (the paper's N (N - 1)); ``"source"``:
             one network per source task i whose output layer predicts every other task j at once, so the
             adversaries' parameters and cost grow linearly in N (their first layer, D x hidden, dominates). With
-            two tasks both are the same network.
+            two tasks both are the same network. An objective that transforms the adversaries' inputs
+            (``gradient_reversal``) transforms each network's input once, with its pairs' weight, so those pairs
+            must share one weight.
         scales: What an adversary reads from its source encoder. ``"last"``: the last features, as the
             classifier does (the paper). ``"all"``: the last features followed by the global-average-pooled output
             of every scale of the encoder (the modules its backbone's ``scale_modules()`` returns; ``dltk_residual``:

@@ -130,10 +130,55 @@ def test_source_layout_grows_linearly_and_predicts_each_target_from_its_slice():
     assert "t0->t1" not in [p.key for p in model.pairs]  # a switched-off pair has no output
 
 
-def test_source_layout_refuses_per_pair_input_transforms():
-    e = toy_experiment(adversary={"objective": "gradient_reversal", "layout": "source"})
-    with pytest.raises(md.SpecError, match="layout: 'source' shares one adversary network.*'gradient_reversal'"):
-        md.train(e, data=ToyDataset(), quiet=True)
+def test_two_tasks_source_layout_is_the_pair_layout_renamed_under_gradient_reversal():
+    pair, source = (
+        loops({"layout": layout, "objective": "gradient_reversal"}, modes=("auto",))[0] for layout in ("pair", "source")
+    )
+    for _ in range(3):
+        assert iterate(pair)["loss/main"] == iterate(source)["loss/main"]
+    for name, value in pair.model.named_parameters():
+        renamed = name.replace("->b", "->*") if name.startswith("adversaries.a") else name.replace("->a", "->*")
+        assert torch.equal(value, source.model.get_parameter(renamed)), name
+
+
+def test_source_layout_reverses_each_networks_gradient_with_its_pairs_weight():
+    # three tasks, one network per source serving two targets: with reversal the adversaries' gradients are
+    # those of their plain losses and the features' are -weight times theirs
+    objective = md.objectives.create("gradient_reversal")
+    model = md.build_model(experiment_n(3, "source", ensemble=1))
+    torch.manual_seed(0)
+    feats = {t: torch.randn(6, d, requires_grad=True) for t, d in model.feature_sizes.items()}
+    labels = {t.name: torch.randint(0, t.num_classes, (6,)) for t in model.experiment.tasks}
+    weights = torch.full((len(model.pairs),), 0.3)
+
+    def grads(transform):
+        model.zero_grad()
+        for z in feats.values():
+            z.grad = None
+        logits = model.adversary_logits(feats, transform, weights, labels)  # (P, B, K_max)
+        loss = sum(
+            torch.nn.functional.cross_entropy(logits[p, :, :k], labels[pair.target])
+            for p, (pair, k) in enumerate(zip(model.pairs, model.pair_classes, strict=True))
+        )
+        loss.backward()
+        return [z.grad.clone() for z in feats.values()], [p.grad.clone() for p in model.adversary_parameters()]
+
+    plain_feats, plain_params = grads(None)
+    reversed_feats, reversed_params = grads(objective.adversary_input)
+    for a, b in zip(reversed_feats, plain_feats, strict=True):
+        assert torch.allclose(a, -0.3 * b, atol=1e-7)
+    for a, b in zip(reversed_params, plain_params, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_source_layout_with_reversal_refuses_pairs_of_one_network_with_different_weights():
+    spec = experiment_n(3, "source", ensemble=1).model_dump()
+    spec["pairs"] = [{"source": "t0", "target": "t1", "weight": 2.0}]  # t0 -> t2 keeps weight 1
+    spec["adversary"]["objective"] = {"name": "gradient_reversal"}
+    e = md.Experiment(**spec)
+    data = [(torch.randn(1, 16, 16), {"t0": i % 2, "t1": i % 3, "t2": 0}) for i in range(20)]
+    with pytest.raises(md.SpecError, match=r"pairs: .*'gradient_reversal'.* task 't0' one network .*different weights"):
+        build_loop(e, {"train": data})
 
 
 def test_channels_last_encoders_compute_the_same():

@@ -201,11 +201,16 @@ class AdversarialStep(Step):
         ]
         overridden = type(objective).adversary_input is not Objective.adversary_input
         self._transform = objective.adversary_input if overridden else None
-        if overridden and experiment.adversary.layout == "source":
-            raise SpecError(
-                f"adversary.layout: 'source' shares one adversary network between pairs, but objective "
-                f"{experiment.adversary.objective.name!r} transforms each pair's adversary input; use layout 'pair'"
-            )
+        if overridden and experiment.adversary.layout == "source":  # one transform per network: one weight
+            for source in model.task_names:
+                weights = {p.key: p.weight for p in model.pairs if p.source == source}
+                if len(set(weights.values())) > 1:
+                    raise SpecError(
+                        f"pairs: objective {experiment.adversary.objective.name!r} transforms each adversary "
+                        f"network's input with its pairs' weight, and adversary.layout 'source' gives task "
+                        f"{source!r} one network whose pairs have different weights ({weights}); give them one "
+                        "weight or use layout 'pair'"
+                    )
         # exact (B, B) algebra for the k steps on reused features, where it is exact (see _gram.py)
         mode = experiment.execution.adversary_steps
         self.gram = mode != "plain" and experiment.adversary.features == "reuse" and gram_applicable(self)
