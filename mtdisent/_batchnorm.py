@@ -10,7 +10,8 @@ pass of a dataset; ``training.batchnorm_stats="recompute"`` applies it to the fi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,17 +26,28 @@ from ._torch import eval_mode
 __all__ = ["recompute_batchnorm"]
 
 
+Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
 def recompute_batchnorm(
-    model: MultiTaskModel, data: Any, *, batch_size: int = 50, num_workers: int = 0, split: str = "data"
+    model: MultiTaskModel,
+    data: Any,
+    *,
+    batch_size: int = 50,
+    num_workers: int = 0,
+    split: str = "data",
+    transform: Callable[[torch.Tensor, dict[str, torch.Tensor]], Batch] | None = None,
 ) -> MultiTaskModel:
     """Re-estimate every BatchNorm running mean and variance of ``model`` from one pass over ``data``, in place.
 
     Each statistic becomes the plain average, over the pass, of the per-batch statistics a training forward
     computes (cumulative averaging, not momentum). Only BatchNorm runs in training mode: dropout and the levers
-    behave as at inference, and neither random flips nor the levers' batch changes are applied (a transform the
-    dataset itself applies still is). Conditional adversaries read the dataset's labels, as in training. Only
-    full batches are used (a batch of one has no variance). The model's mode is restored afterwards; if the pass
-    fails, the previous statistics are put back. A model without BatchNorm is returned unchanged.
+    behave as at inference. Batches are the dataset's own (a transform the dataset applies still is) unless
+    ``transform`` changes them the way training did: random flips, or a lever that adds synthetic samples (the
+    engine passes its step's :meth:`~mtdisent.engine.Step.augment`). Conditional adversaries read the batch's
+    labels, as in training. Only full batches are used (a batch of one has no variance). The model's mode is
+    restored afterwards; if the pass fails, the previous statistics are put back. A model without BatchNorm is
+    returned unchanged.
 
     Args:
         model: The trained model.
@@ -43,6 +55,9 @@ def recompute_batchnorm(
         batch_size: Images per forward pass (at least 2); training's batch size reproduces its batch statistics.
         num_workers: DataLoader worker processes.
         split: The data's name, for error messages.
+        transform: ``(x (B, C, H, W), {task: (B,)}) -> (x', labels')`` applied to each batch, on the model's
+            device, before its forward; it runs with the model in eval mode (nothing it computes with the model
+            moves a statistic) and may change the batch size.
 
     Returns:
         ``model``, with new statistics.
@@ -81,18 +96,20 @@ def recompute_batchnorm(
         for m in plain:
             m.reset_running_stats()
             m.momentum = None  # cumulative average
-            m.train()
         for s in stacks:
             s.reset_batchnorm()
-            s.momentum, s.batchnorm_training = None, True
+            s.momentum = None
         try:
             loader = make_loader(view, batches, num_workers=num_workers, pin_memory=device.type == "cuda")
             for x, labels, _ in loader:
-                labels = {t: y.to(device) for t, y in labels.items()}
-                features = model.encode(x.to(device))
-                model.classify(features)
-                if model.pairs:
-                    model.adversary_logits(features, labels=labels)
+                x, labels = x.to(device), {t: y.to(device) for t, y in labels.items()}
+                if transform is not None:
+                    x, labels = transform(x, labels)
+                with _tracking(plain, stacks):  # batch statistics, accumulated, for this forward only
+                    features = model.encode(x)
+                    model.classify(features)
+                    if model.pairs:
+                        model.adversary_logits(features, labels=labels)
         except BaseException:
             for b, value in zip(buffers, saved, strict=True):
                 b.copy_(value)
@@ -103,3 +120,19 @@ def recompute_batchnorm(
             for s, (momentum, mode) in zip(stacks, settings[1], strict=True):
                 s.momentum, s.batchnorm_training = momentum, mode
     return model
+
+
+@contextlib.contextmanager
+def _tracking(plain: Sequence[nn.Module], stacks: Sequence[StackedHeads]) -> Iterator[None]:
+    """BatchNorm layers in training mode (batch statistics, running ones updated) inside, eval mode after."""
+    for m in plain:
+        m.train()
+    for s in stacks:
+        s.batchnorm_training = True
+    try:
+        yield
+    finally:
+        for m in plain:
+            m.eval()
+        for s in stacks:
+            s.batchnorm_training = False

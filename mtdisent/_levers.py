@@ -70,7 +70,7 @@ class Lever:
         return x, y
 
     def metrics(self) -> dict[str, float]:
-        """Metrics of the lever's part in the current main step (read right after :meth:`augment`), logged with it.
+        """Metrics of the lever's part in the current main step (read after every lever's :meth:`augment`), logged.
 
         Name keys after the lever (``"recombine/flipped"``) so that they cannot collide with the step's own.
         """

@@ -491,7 +491,8 @@ class TrainingSpec(SpecModel):
         tensorboard: Also log to TensorBoard when it is installed.
         batchnorm_stats: The final model's BatchNorm statistics: ``"running"`` (the momentum averages training
             kept) or ``"recompute"`` (exact averages over one pass of the training split at the end, at the
-            training batch size, without flips: :func:`~mtdisent.recompute_batchnorm`). Only the final model
+            training batch size, without flips, each batch changed by the step's ``augment`` as in training (the
+            levers' synthetic samples): :func:`~mtdisent.recompute_batchnorm`). Only the final model
             (``Run.model``, ``model.safetensors``) has them: checkpoints, the best one included, keep the running
             ones (so resuming stays exact), and validation used the running ones. Under torchrun every process
             makes the same whole pass.

@@ -1,6 +1,7 @@
 """BatchNorm statistics recomputed from data: exact averages, every kind of head, and the final model only."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -200,3 +201,59 @@ def test_training_refuses_recompute_without_a_full_batch_before_training(tmp_pat
     with pytest.raises(md.DataError, match=r"^training.batchnorm_stats: 'recompute' needs one full batch of 50"):
         md.train(spec, data=ToyDataset(n=40), out_dir=tmp_path, quiet=True)
     assert not (tmp_path / "checkpoints").exists()
+
+
+class Transformed(torch.utils.data.Dataset):
+    """``data`` with ``fn`` applied to each image (what a transform does to a whole batch, done per sample)."""
+
+    def __init__(self, data, fn):
+        self.data, self.fn = data, fn
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, labels = self.data[i]
+        return self.fn(x), labels
+
+
+def test_transform_changes_each_batch_before_its_forward_and_moves_no_statistic_itself():
+    model = trained_model()
+    data = ToyDataset(n=100)
+    reference = md.recompute_batchnorm(copy.deepcopy(model), Transformed(data, lambda x: 2 * x + 1), batch_size=25)
+    seen = []
+
+    def transform(x, y):
+        # a lever that runs the model (as recombine does) must not count its forwards into the statistics
+        seen.append(x.shape[0])
+        model.adversary_logits(model.encode(x), labels=y)
+        model.classify(model.encode(-x))
+        return 2 * x + 1, y
+
+    md.recompute_batchnorm(model, data, batch_size=25, transform=transform)
+    assert seen == [25, 25, 25, 25]
+    for key, value in stats(reference).items():
+        torch.testing.assert_close(stats(model)[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_training_option_replays_the_levers_batches_and_leaves_their_state(tmp_path):
+    # intervene appends negated copies of 'b' images relabelled 0: the statistics training normalised with
+    negate = {"name": "intervene", "args": {"task": "b", "transform": "negate", "target": 0, "source": [1, 2]}}
+    spec = toy_experiment(levers=[negate], training={"batchnorm_stats": "recompute"})
+    run = md.train(spec, data=ToyDataset(), out_dir=tmp_path / "run", quiet=True)
+    last = md.load(tmp_path / "run", "latest")  # the same weights, running statistics
+    plain = md.recompute_batchnorm(copy.deepcopy(last), ToyDataset(), batch_size=20)
+    counters = dict(run.model.lever_modules.state_dict())
+    assert counters and all(int(v) == 6 for v in counters.values())  # six main steps, none added by the replay
+    assert all(torch.equal(v, last.lever_modules.state_dict()[k]) for k, v in counters.items())
+    moved = [k for k, v in stats(plain).items() if "running_var" in k and not torch.allclose(stats(run.model)[k], v)]
+    assert any(k.startswith("encoders.b") for k in moved)
+
+    # the replay itself: the lever's augment on each training batch, its draws continuing from step 6
+    replay = md.build_model(spec)
+    replay.load_state_dict(last.state_dict())
+    step = types.SimpleNamespace(model=replay, experiment=spec)
+    augment = replay.levers[0].augment
+    md.recompute_batchnorm(replay, ToyDataset(), batch_size=20, transform=lambda x, y: augment(step, x, y))
+    for key, value in stats(replay).items():
+        torch.testing.assert_close(stats(run.model)[key], value, msg=key)

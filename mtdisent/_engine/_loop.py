@@ -189,7 +189,7 @@ class Loop:
                     torch.distributed.broadcast(buffer, src=0)
             self.checkpointer.write_last(self)  # with the running statistics: what resuming continues from
             if tr.batchnorm_stats == "recompute":  # every rank the same full pass: the same statistics
-                recompute_batchnorm(self.model, self.train_view, batch_size=tr.batch_size, num_workers=tr.num_workers)
+                self._recompute_batchnorm()
             self._call("on_train_end")
             self.barrier()
         finally:
@@ -205,6 +205,24 @@ class Loop:
             self.best,
             self.checkpointer.best_state,
         )
+
+    def _recompute_batchnorm(self) -> None:
+        """Recompute the final model's BatchNorm statistics on the training split, batches changed as the step does.
+
+        The step's ``augment`` is replayed; the levers' module state (step counters) it moves is put back.
+        """
+        tr, levers = self.experiment.training, self.model.lever_modules
+        kept = {k: v.clone() for k, v in levers.state_dict().items()}
+        try:
+            recompute_batchnorm(
+                self.model,
+                self.train_view,
+                batch_size=tr.batch_size,
+                num_workers=tr.num_workers,
+                transform=self.step.augment,
+            )
+        finally:
+            levers.load_state_dict(kept)
 
     def _call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:

@@ -64,6 +64,15 @@ class Step:
         """Run iteration ``iteration`` (0-based); return its metrics (``{"loss/main": ..., ...}``)."""
         raise NotImplementedError
 
+    def augment(self, x: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What this step does to a training batch ``(x (B, C, H, W), {task: (B,)})`` before its forward.
+
+        The engine replays it on the training split when it recomputes BatchNorm statistics
+        (``training.batchnorm_stats="recompute"``), so the statistics are those of the batches training
+        normalised; state it changes in the model's lever modules is put back afterwards. Default: no change.
+        """
+        return x, y
+
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the model weights needed to continue exactly (optimiser states, counters)."""
         return {}
@@ -223,6 +232,12 @@ class AdversarialStep(Step):
             stack.keep_first = True  # the main step's X W_0 starts the steps when they read the same X and W
         self._main_inputs: torch.Tensor | None = None  # the main step's stacked adversary inputs, detached
 
+    def augment(self, x: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The levers' :meth:`~mtdisent.Lever.augment`, in spec order."""
+        for lever in self.model.levers:
+            x, y = lever.augment(self, x, y)
+        return x, y
+
     # -- helpers -------------------------------------------------------------------------------------
     def _targets(self, y: dict[str, torch.Tensor]) -> torch.Tensor:
         """(P, B) labels of each pair's target task, -1 where unlabelled."""
@@ -256,10 +271,9 @@ class AdversarialStep(Step):
         """One update of encoders and classifiers on a new batch; returns metrics, detached features and labels."""
         model, tr, single, setup = self.model, self.experiment.training, self.objective.single_pass, self.setup
         model.train()
-        x, y = self.feed.next()
+        x, y = self.augment(*self.feed.next())
         metrics: dict[str, float] = {"lambda": lam}
         for lever in model.levers:
-            x, y = lever.augment(self, x, y)
             metrics.update(lever.metrics())
         terms: dict[str, torch.Tensor] = {}
         adversaries_frozen = contextlib.nullcontext() if single else _frozen_buffers(model.adversaries)
