@@ -89,6 +89,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
         "the default plus the workload's intervention on its nuisance (INTERVENTIONS)",
         {"levers": [{"name": "intervene", "args": "workload"}]},
     ),
+    "intervene_bn": (
+        "intervene with training.batchnorm_stats='recompute' (final statistics from a pass replaying the lever)",
+        {"levers": [{"name": "intervene", "args": "workload"}], "training": {"batchnorm_stats": "recompute"}},
+    ),
     "intervene_only": (
         "lambda = 0 plus the workload's intervention on its nuisance",
         {"adversary": {"weight": 0.0}, "levers": [{"name": "intervene", "args": "workload"}]},
