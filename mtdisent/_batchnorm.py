@@ -56,8 +56,10 @@ def recompute_batchnorm(
         num_workers: DataLoader worker processes.
         split: The data's name, for error messages.
         transform: ``(x (B, C, H, W), {task: (B,)}) -> (x', labels')`` applied to each batch, on the model's
-            device, before its forward; it runs with the model in eval mode (nothing it computes with the model
-            moves a statistic) and may change the batch size.
+            device, before its forward, under ``torch.no_grad()`` (enable gradients inside if it needs them). It
+            sees the model in eval mode with the statistics it came with (a lever that runs the model, as
+            ``recombine`` does, computes what it computed in training), moves no statistic, and may change the
+            batch size.
 
     Returns:
         ``model``, with new statistics.
@@ -98,13 +100,18 @@ def recompute_batchnorm(
             m.momentum = None  # cumulative average
         for s in stacks:
             s.reset_batchnorm()
-            s.momentum = None
+            s.momentum, s.batchnorm_training = None, False
         try:
             loader = make_loader(view, batches, num_workers=num_workers, pin_memory=device.type == "cuda")
             for x, labels, _ in loader:
                 x, labels = x.to(device), {t: y.to(device) for t, y in labels.items()}
-                if transform is not None:
+                if transform is not None:  # it sees the model as it was: the statistics it came with
+                    accumulated = [b.clone() for b in buffers]
+                    for b, value in zip(buffers, saved, strict=True):
+                        b.copy_(value)
                     x, labels = transform(x, labels)
+                    for b, value in zip(buffers, accumulated, strict=True):
+                        b.copy_(value)
                 with _tracking(plain, stacks):  # batch statistics, accumulated, for this forward only
                     features = model.encode(x)
                     model.classify(features)

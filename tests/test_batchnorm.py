@@ -220,13 +220,18 @@ class Transformed(torch.utils.data.Dataset):
 def test_transform_changes_each_batch_before_its_forward_and_moves_no_statistic_itself():
     model = trained_model()
     data = ToyDataset(n=100)
+    before = copy.deepcopy(model).eval()
     reference = md.recompute_batchnorm(copy.deepcopy(model), Transformed(data, lambda x: 2 * x + 1), batch_size=25)
     seen = []
 
     def transform(x, y):
-        # a lever that runs the model (as recombine does) must not count its forwards into the statistics
+        # a lever that runs the model (as recombine does) computes with the statistics the model came with and
+        # must not count its forwards into the new ones
         seen.append(x.shape[0])
-        model.adversary_logits(model.encode(x), labels=y)
+        assert not model.training
+        features = model.encode(x)
+        torch.testing.assert_close(features, before.encode(x))
+        model.adversary_logits(features, labels=y)
         model.classify(model.encode(-x))
         return 2 * x + 1, y
 
@@ -241,6 +246,10 @@ def test_training_option_replays_the_levers_batches_and_leaves_their_state(tmp_p
     negate = {"name": "intervene", "args": {"task": "b", "transform": "negate", "target": 0, "source": [1, 2]}}
     spec = toy_experiment(levers=[negate], training={"batchnorm_stats": "recompute"})
     run = md.train(spec, data=ToyDataset(), out_dir=tmp_path / "run", quiet=True)
+    running = md.train(toy_experiment(levers=[negate]), data=ToyDataset(), quiet=True)
+    # the lever's last choices are training's last step's, not the replay's
+    (lever,), (unreplayed,) = run.model.levers, running.model.levers
+    assert lever.metrics() == unreplayed.metrics() and all(map(torch.equal, lever.last, unreplayed.last))
     last = md.load(tmp_path / "run", "latest")  # the same weights, running statistics
     plain = md.recompute_batchnorm(copy.deepcopy(last), ToyDataset(), batch_size=20)
     counters = dict(run.model.lever_modules.state_dict())

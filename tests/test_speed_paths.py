@@ -142,14 +142,16 @@ def test_two_tasks_source_layout_is_the_pair_layout_renamed_under_gradient_rever
 
 
 def test_source_layout_reverses_each_networks_gradient_with_its_pairs_weight():
-    # three tasks, one network per source serving two targets: with reversal the adversaries' gradients are
-    # those of their plain losses and the features' are -weight times theirs
+    # three tasks, two members, one network per source and member serving its targets: with reversal the
+    # adversaries' gradients are those of their plain losses and each source's features get -its weight times theirs
     objective = md.objectives.create("gradient_reversal")
-    model = md.build_model(experiment_n(3, "source", ensemble=1))
+    e = experiment_n(3, "source", ensemble=2).model_copy(update={"pairs": []})  # every pair on
+    model = md.build_model(e)
     torch.manual_seed(0)
     feats = {t: torch.randn(6, d, requires_grad=True) for t, d in model.feature_sizes.items()}
     labels = {t.name: torch.randint(0, t.num_classes, (6,)) for t in model.experiment.tasks}
-    weights = torch.full((len(model.pairs),), 0.3)
+    by_source = {"t0": 0.3, "t1": 0.5, "t2": 0.7}
+    weights = torch.tensor([by_source[p.source] for p in model.pairs])
 
     def grads(transform):
         model.zero_grad()
@@ -165,8 +167,9 @@ def test_source_layout_reverses_each_networks_gradient_with_its_pairs_weight():
 
     plain_feats, plain_params = grads(None)
     reversed_feats, reversed_params = grads(objective.adversary_input)
-    for a, b in zip(reversed_feats, plain_feats, strict=True):
-        assert torch.allclose(a, -0.3 * b, atol=1e-7)
+    assert len(model.adversary_heads) == 6 and len(model.pairs) == 12
+    for a, b, w in zip(reversed_feats, plain_feats, by_source.values(), strict=True):
+        assert torch.allclose(a, -w * b, atol=1e-7)
     for a, b in zip(reversed_params, plain_params, strict=True):
         assert torch.equal(a, b)
 

@@ -209,10 +209,12 @@ class Loop:
     def _recompute_batchnorm(self) -> None:
         """Recompute the final model's BatchNorm statistics on the training split, batches changed as the step does.
 
-        The step's ``augment`` is replayed; the levers' module state (step counters) it moves is put back.
+        The step's ``augment`` is replayed; what it moves in the levers is put back: their modules' state (step
+        counters) and their attributes (the last step's choices and metrics).
         """
         tr, levers = self.experiment.training, self.model.lever_modules
         kept = {k: v.clone() for k, v in levers.state_dict().items()}
+        attributes = [dict(vars(lever)) for lever in self.model.levers]
         try:
             recompute_batchnorm(
                 self.model,
@@ -223,6 +225,9 @@ class Loop:
             )
         finally:
             levers.load_state_dict(kept)
+            for lever, values in zip(self.model.levers, attributes, strict=True):
+                vars(lever).clear()
+                vars(lever).update(values)
 
     def _call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:

@@ -69,7 +69,9 @@ class Step:
 
         The engine replays it on the training split when it recomputes BatchNorm statistics
         (``training.batchnorm_stats="recompute"``), so the statistics are those of the batches training
-        normalised; state it changes in the model's lever modules is put back afterwards. Default: no change.
+        normalised (the adversaries' too: with ``adversary.features="fresh"`` their steps trained on other,
+        unchanged batches, so theirs are then an approximation); what it changes in the levers is put back
+        afterwards. Default: no change.
         """
         return x, y
 
