@@ -83,6 +83,23 @@ def test_disentangle_study_rows_and_append(tmp_path):
     assert all(rows[-1][k] == row[k] for k in unchanged)
 
 
+def test_rescore_scores_a_recompute_run_three_ways(tmp_path):
+    # intervene_bn trains with batchnorm_stats="recompute": its last checkpoint has the running statistics, its
+    # final model the replayed ones, and the plain pass is computed from the checkpoint
+    common = ["--quick", "--no-probes", "--threads", "1", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    run("disentangle.py", "--workloads", "shapes", "--methods", "intervene_bn", "--seeds", "0", *common, cwd=tmp_path)
+    out = tmp_path / "rescore.json"
+    run_dir = tmp_path / "runs" / "quick" / "shapes" / "intervene_bn" / "seed_0"
+    args = ["--unseen", "unseen", "--main", "shape", "--threads", "1", "--out", str(out), str(run_dir)]
+    proc = run("rescore_bn.py", *args, cwd=tmp_path)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert {"running", "recomputed", "replayed"} <= set(row)
+    assert all(set(row[k]["test_accuracy"]) == {"shape", "background"} for k in ("running", "recomputed", "replayed"))
+    assert "(running, recomputed, replayed)" in proc.stdout
+    study = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert study["test_accuracy"] == row["replayed"]["test_accuracy"]  # the study scored the same final model
+
+
 def test_disentangle_methods_resolve_the_workloads_nuisance():
     import importlib.util
 
