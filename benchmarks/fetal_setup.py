@@ -220,7 +220,9 @@ def recalibrated(run: md.Run, source: md.DataSource) -> md.Run:
     """
     import copy
 
-    model = md.recompute_batchnorm(copy.deepcopy(run.model).cpu(), source["train"], batch_size=50).eval()
+    train = source["train"]
+    batch = min(run.experiment.training.batch_size, len(train))  # the training batch, or all of a tiny split
+    model = md.recompute_batchnorm(copy.deepcopy(run.model).cpu(), train, batch_size=batch).eval()
     return md.Run(run.experiment, model, None, run.iteration, run.history, None, None)
 
 
