@@ -179,6 +179,11 @@ def experiment(workload: str, method: str, seed: int, quick: bool) -> md.Experim
     return md.Experiment.model_validate(spec)
 
 
+def run_dir(runs: str | Path, quick: bool, workload: str, method: str, seed: int) -> Path:
+    """Where one run trains (shared with ``examples/fetal_us.py``, whose fetal runs are this study's)."""
+    return Path(runs) / ("quick" if quick else "") / workload / method / f"seed_{seed}"
+
+
 def train_once(experiment: md.Experiment, data: Any, out: Path) -> tuple[md.Run, float]:
     """Train into ``out``, or resume it, or reuse it when finished; returns the run and its training seconds.
 
@@ -195,7 +200,7 @@ def train_once(experiment: md.Experiment, data: Any, out: Path) -> tuple[md.Run,
 def run_one(args: argparse.Namespace, workload: str, method: str, seed: int) -> dict[str, Any]:
     _, unseen_split, main, nuisance = WORKLOADS[workload]
     e = experiment(workload, method, seed, args.quick)
-    out = Path(args.runs) / ("quick" if args.quick else "") / workload / method / f"seed_{seed}"
+    out = run_dir(args.runs, args.quick, workload, method, seed)
     run, seconds = train_once(e, None, out)
     data = spec_data(run.model)
     probe_data = None if args.probes else False  # None: the data's train split
@@ -239,8 +244,7 @@ def leakage(test: md.Report, pairs: list[tuple[str, str]]) -> dict[str, dict[str
 def fill_probes(args: argparse.Namespace, row: dict[str, Any]) -> None:
     """Give a row made with --no-probes its leakage, from its finished run (the final model, as run_one would)."""
     _, _, main, nuisance = WORKLOADS[row["workload"]]
-    out = Path(args.runs) / ("quick" if args.quick else "") / row["workload"] / row["method"] / f"seed_{row['seed']}"
-    model = md.load(out, "final")
+    model = md.load(run_dir(args.runs, args.quick, row["workload"], row["method"], row["seed"]), "final")
     pairs = [(main, t) for t in (nuisance or [t for t in model.task_names if t != main])]
     row.update(leakage(md.evaluate(model, split="test", layers=("features",), device="cpu"), pairs))
 

@@ -268,7 +268,7 @@ def main() -> None:
     for seed in args.seeds:
         for method in args.methods:
             e, data, roles = experiment(args, shared, method, seed)
-            out = Path(args.runs) / ("quick" if args.quick else "") / workload / method / f"seed_{seed}"
+            out = shared.run_dir(args.runs, args.quick, workload, method, seed)
             run, seconds = shared.train_once(e, data, out)
             mine = evaluate_once(run, data, roles, method, seed, seconds, out)
             rows.extend(mine)

@@ -265,8 +265,9 @@ class MultiTaskModel(nn.Module):
         if self._shared and self.pairs:  # gather indices from (G, B, sum K) network logits to (P, B, K_max)
             k_max = max(self.pair_classes)
             cols = torch.tensor([[o + min(c, k - 1) for c in range(k_max)] for _, o, k in slots])  # (P, K_max)
-            self.register_buffer("_pair_head", torch.tensor([h for h, _, _ in slots]), persistent=False)
-            first = [[h for h, _, _ in slots].index(g) for g in range(len(self.adversary_heads))]
+            heads = [h for h, _, _ in slots]
+            self.register_buffer("_pair_head", torch.tensor(heads), persistent=False)
+            first = [heads.index(g) for g in range(len(self.adversary_heads))]
             self.register_buffer("_head_pair", torch.tensor(first), persistent=False)  # (G,) a pair of each network
             self.register_buffer("_pair_cols", cols, persistent=False)
             pad = torch.arange(k_max)[None, :] >= torch.tensor(self.pair_classes)[:, None]
