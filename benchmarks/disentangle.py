@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +100,24 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 
-# workload -> the intervene lever's arguments: a transform that shows the nuisance's missing class
-INTERVENTIONS: dict[str, dict[str, Any]] = {
+def shapes_n_background(spec: dict[str, Any]) -> dict[str, Any]:
+    """The dark background drawn on light-background ``shapes_n`` images, at its level in the data's units."""
+    norm = md.datasets.create("shapes_n", spec["data"]["args"]).factors["normalisation"]
+    dark = 0.0  # shapes_n's raw dark background level (BG_LEVELS[0])
+    level = (dark - norm["mean"]) / norm["std"] if norm["kind"] == "global" else dark
+    lever = {"task": "background", "transform": "background", "source": ["light"], "target": "dark"}
+    return {**lever, "args": {"level": level}}
+
+
+# workload -> the intervene lever's arguments (or a function of the spec giving them): a transform that shows the
+# nuisance's missing class
+INTERVENTIONS: dict[str, dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]]] = {
     # -x of a standardised image is the inverted image: the gray circle on white becomes a gray circle on black
     "shapes": {"task": "background", "transform": "negate", "source": ["white"], "target": "black"},
     # a generic shadow (dark sectors from the probe's apex), drawn on LVOT/3VV/Abd images without shadow
     "fetal": {"task": "shadow", "transform": "shadow", "source": ["without"], "target": "with"},
+    # exact: every light-background pixel set to the dark level gives the same image on a dark background
+    "shapes_n": shapes_n_background,
 }
 
 
@@ -171,7 +184,8 @@ def experiment(workload: str, method: str, seed: int, quick: bool) -> md.Experim
         if lever.get("args") == "workload":
             if workload not in INTERVENTIONS:
                 raise SystemExit(f"method {method!r}: no intervention for {workload!r}; one of {sorted(INTERVENTIONS)}")
-            lever["args"] = copy.deepcopy(INTERVENTIONS[workload])
+            given = INTERVENTIONS[workload]
+            lever["args"] = given(spec) if callable(given) else copy.deepcopy(given)
         elif lever.get("args", {}).get("tasks") == "nuisance":
             lever["args"]["tasks"] = nuisance or [t["name"] for t in spec["tasks"] if t["name"] != main]
     spec["training"].update(checkpoint_every=spec["training"]["iterations"], device="cpu")

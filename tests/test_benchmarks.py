@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import mtdisent as md
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
@@ -100,6 +102,21 @@ def test_rescore_scores_a_recompute_run_three_ways(tmp_path):
     assert study["test_accuracy"] == row["replayed"]["test_accuracy"]  # the study scored the same final model
 
 
+def test_rescore_erasure_scores_the_final_model_and_its_erased_copy(tmp_path):
+    common = ["--quick", "--no-probes", "--threads", "1", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    run("disentangle.py", "--workloads", "shapes", "--methods", "default", "--seeds", "0", *common, cwd=tmp_path)
+    out = tmp_path / "erased.json"
+    run_dir = tmp_path / "runs" / "quick" / "shapes" / "default" / "seed_0"
+    args = ["--unseen", "unseen", "--main", "shape", "--threads", "1", "--no-before", "--out", str(out), str(run_dir)]
+    proc = run("rescore_erasure.py", *args, cwd=tmp_path)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "linear_conditional_leakage" not in row["final"]  # --no-before: the study has those
+    assert set(row["erased"]["mlp_conditional_leakage"]) == {"shape->background"}
+    assert row["erased_rank"] >= 1 and "conditional linear leakage" in proc.stdout
+    study = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert study["test_accuracy"] == row["final"]["test_accuracy"]  # the study scored the same final model
+
+
 def test_disentangle_methods_resolve_the_workloads_nuisance():
     import importlib.util
 
@@ -115,6 +132,11 @@ def test_disentangle_methods_resolve_the_workloads_nuisance():
     assert study.METHODS["recombine_nuisance"][1]["levers"][0]["args"]["tasks"] == "nuisance"  # not mutated
     erasure = study.experiment("shapes", "erasure_cumulative", 0, True).levers[0]
     assert (erasure.name, erasure.args) == ("erasure", {"momentum": None})
+    # shapes_n's intervention: the dark background's level in the data's own standardised units
+    lever = study.experiment("shapes_n", "intervene", 0, True).levers[0].args
+    norm = md.datasets.create("shapes_n", study.shapes_n(0, True)["data"]["args"]).factors["normalisation"]
+    assert lever["transform"] == "background" and (lever["source"], lever["target"]) == (["light"], "dark")
+    assert lever["args"]["level"] == pytest.approx(-norm["mean"] / norm["std"])
 
 
 @pytest.mark.slow

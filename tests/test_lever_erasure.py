@@ -444,3 +444,45 @@ def test_ranks_share_the_statistics_of_the_whole_batch(tmp_path):
     for s in ("sources.i", "sources.j"):  # the erasure map U R^T itself is unique
         split, one = (st[f"{s}.basis"].T @ st[f"{s}.reader"] for st in (r0, whole))  # (D, D) each
         assert torch.allclose(split, one, atol=1e-4), s
+
+
+# -- fitted after training: fit_erasure ------------------------------------------------------------------
+def test_frozen_statistics_never_move_in_training():
+    lever, layer = make(frozen=True, min_count=1)
+    z, yi, yj = cells_data(CORRELATED, directions(16)[:2], directions(16, 2)[:3], seed=0)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    fit(lever, layer, z, yi, yj)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    assert torch.equal(erase(lever, layer, z), z)  # never fitted: nothing erased
+
+
+def test_fit_erasure_equalises_the_cell_means_of_the_final_features_on_its_data():
+    from conftest import ToyDataset, toy_experiment
+    from mtdisent_plugins.levers.erasure import fit_erasure
+
+    from mtdisent.evaluation import collect_features
+
+    model = md.build_model(toy_experiment(backbone={"args": {"filters": [4, 8], "output": "flatten"}})).eval()
+    data = ToyDataset(240, seed=3)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    fitted = fit_erasure(model, data, pairs=["a->b"], min_count=5, batch_size=64)
+
+    def cell_gaps(m):  # per class of a: the largest gap between b's class means of a's features, and their scale
+        f, y = collect_features(m, data)
+        gaps = []
+        for c in range(2):
+            means = torch.stack([f["a"][(y["a"] == c) & (y["b"] == d)].mean(0) for d in range(3)])  # (3, D)
+            gaps.append(((means - means[0]).abs().max() / means.abs().max()).item())
+        return max(gaps), f
+
+    before, f0 = cell_gaps(model)
+    after, f1 = cell_gaps(fitted)
+    assert before > 1e-2 and after < 1e-5, (before, after)
+    assert torch.equal(f0["b"], f1["b"])  # b is not a source: its features are untouched
+    assert [c.name for c in fitted.experiment.levers] == ["erasure"] and fitted.experiment.levers[0].args["frozen"]
+    assert not model.experiment.levers and all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert not fitted.training and int(fitted.lever_modules["0"].sources["a"].rank) == 4  # 2 classes of a x 2 gaps
+    with pytest.raises(md.ComponentError, match=r"fit_erasure: data: pass one split"):
+        fit_erasure(model, md.DataSource({"train": data}, tasks=model.experiment.tasks))
+    with pytest.raises(md.ComponentError, match=r"mode='nope'"):
+        fit_erasure(model, data, mode="nope")

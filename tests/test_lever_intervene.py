@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import ToyDataset, toy_experiment
-from mtdisent_plugins.levers.intervene import negate, shadow
+from mtdisent_plugins.datasets.shapes import BG_LEVELS, SHAPES_N_FACTORS, _render_n
+from mtdisent_plugins.levers.intervene import background, negate, shadow
 
 import mtdisent as md
 from mtdisent.testing import check_lever
@@ -93,6 +94,21 @@ def test_negate_is_the_inverted_image_after_per_image_standardisation():
     v = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     std = lambda t: (t - t.mean((1, 2, 3), keepdim=True)) / t.std((1, 2, 3), keepdim=True)  # noqa: E731
     assert torch.allclose(negate(std(v), torch.Generator()), std(1 - v), atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [2, 4, 7])
+def test_background_gives_shapes_n_images_their_other_background_exactly(k):
+    names = list(SHAPES_N_FACTORS)[:k]
+    values = torch.randint(0, 2, (40, k), generator=torch.Generator().manual_seed(k))
+    light, dark = values.clone(), values.clone()
+    light[:, 1], dark[:, 1] = 1, 0
+    mean, std = 0.21, 0.37  # a global standardisation, as shapes_n's
+    render = lambda v: (_render_n(v, names, 24, 28, torch.Generator().manual_seed(5))[0] - mean) / std  # noqa: E731
+    x = render(light)
+    out = background(x, torch.Generator(), level=(BG_LEVELS[0] - mean) / std)
+    assert torch.allclose(out, render(dark), atol=1e-6)  # the same geometry, texture and shade on the dark level
+    assert torch.equal(x, render(light))  # not in place
+    assert torch.allclose(background(render(dark), torch.Generator(), level=(BG_LEVELS[1] - mean) / std), x, atol=1e-6)
 
 
 def test_a_user_transform_by_import_path():

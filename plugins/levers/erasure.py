@@ -84,9 +84,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mtdisent import ComponentError, Lever, MultiTaskModel
+from mtdisent import ComponentError, DataSource, Experiment, Lever, MultiTaskModel, build_model
+from mtdisent.evaluation import collect_features
 
-__all__ = ["Erasure", "ErasureLayer"]
+__all__ = ["Erasure", "ErasureLayer", "fit_erasure"]
 
 _MODES = ("conditional", "marginal", "keep_own")
 _RTOL = 1e-8  # singular values below this fraction of the largest are numerical zeros (float64 SVD)
@@ -325,6 +326,8 @@ class Erasure(Lever):
             lists; ``None`` (default): every enabled adversary pair of the experiment (``model.pairs``, member 0).
         min_sine: ``keep_own`` only: erased directions closer than this sine of an angle to the span of task i's
             class-mean offsets are kept (erasing them would stretch features by 1 / sine); in (0, 1).
+        frozen: Training never updates the statistics: they are set once by :func:`fit_erasure` on a trained
+            model (until then the layer erases nothing).
     """
 
     def __init__(
@@ -334,6 +337,7 @@ class Erasure(Lever):
         min_count: int = 10,
         pairs: list[Any] | None = None,
         min_sine: float = 0.05,
+        frozen: bool = False,
     ) -> None:
         if mode not in _MODES:
             raise ComponentError(f"mode={mode!r}; expected 'conditional', 'marginal' or 'keep_own'")
@@ -345,6 +349,8 @@ class Erasure(Lever):
             raise ComponentError(f"min_count={min_count!r}; expected an integer >= 1")
         if isinstance(min_sine, bool) or not isinstance(min_sine, (int, float)) or not 0.0 < min_sine < 1.0:
             raise ComponentError(f"min_sine={min_sine!r}; expected a number in (0, 1)")
+        if not isinstance(frozen, bool):
+            raise ComponentError(f"frozen={frozen!r}; expected true or false")
         if pairs is not None:
             if not isinstance(pairs, (list, tuple)) or not pairs:
                 raise ComponentError(
@@ -368,6 +374,7 @@ class Erasure(Lever):
         self.min_count = min_count
         self.pairs = pairs
         self.min_sine = float(min_sine)
+        self.frozen = frozen
 
     def resolve_pairs(self, model: MultiTaskModel) -> list[tuple[str, str]]:
         """The (source, target) pairs this lever erases in ``model``."""
@@ -407,7 +414,67 @@ class Erasure(Lever):
         labels: dict[str, torch.Tensor] | None,
         training: bool,
     ) -> dict[str, torch.Tensor]:
-        """Update the statistics with a labelled training batch, then erase; frozen statistics otherwise."""
+        """Update the statistics with a labelled training batch (unless ``frozen``), then erase."""
         if module is None:
             return features
-        return module(features, labels if training else None)
+        return module(features, labels if training and not self.frozen else None)
+
+
+def fit_erasure(
+    model: MultiTaskModel,
+    data: Any,
+    *,
+    mode: str = "conditional",
+    pairs: list[Any] | None = None,
+    min_count: int = 10,
+    min_sine: float = 0.05,
+    batch_size: int = 256,
+    num_workers: int = 0,
+) -> MultiTaskModel:
+    """A copy of a trained model with an erasure layer fitted, after training, on its features over ``data``.
+
+    LEACE as its authors use it: the statistics are exact class-conditional means of the *final* features over one
+    pass of ``data`` (usually the training split), not running means of an encoder that kept moving. On ``data``
+    every erased pair's usable cell means are then equal within each class of the source (``conditional``; see
+    the module docstring for each mode), so a linear probe fitted on ``data`` can do no better than a constant
+    there. The copy's experiment is the model's plus a frozen ``erasure`` lever (these arguments), placed after the
+    model's own levers; its weights are the model's, and the model itself is unchanged. The classifiers are not
+    retrained: they read the erased features as they are, so check their accuracy (``md.evaluate``) on the copy.
+
+    Args:
+        model: A trained :class:`~mtdisent.MultiTaskModel` (for example ``md.load(run_dir)``).
+        data: One split following the data contract, e.g. ``data["train"]``.
+        mode: As :class:`Erasure` (``"conditional"``, ``"marginal"`` or ``"keep_own"``).
+        pairs: As :class:`Erasure`: ``"source->target"`` strings; default every enabled adversary pair.
+        min_count: As :class:`Erasure`: samples a cell needs before its mean is used.
+        min_sine: As :class:`Erasure` (``keep_own`` only).
+        batch_size: Images per forward pass.
+        num_workers: DataLoader worker processes.
+
+    Returns:
+        The new model, on the model's device, in the model's train/eval mode.
+
+    Raises:
+        ComponentError: a bad argument, or ``data`` holds several splits.
+    """
+    if not isinstance(model, MultiTaskModel):
+        raise ComponentError(f"fit_erasure: model must be a MultiTaskModel, got {type(model).__name__}")
+    if isinstance(data, DataSource) or isinstance(data, dict):
+        raise ComponentError(f"fit_erasure: data: pass one split (for example data['train']), not {sorted(data)}")
+    args = {"mode": mode, "momentum": None, "min_count": min_count, "pairs": pairs, "min_sine": min_sine}
+    Erasure(**args, frozen=True)  # every argument checked, in one line, before any work
+    spec = model.experiment.model_dump(mode="json")
+    index = len(spec["levers"])
+    spec["levers"].append({"name": "erasure", "args": {**args, "frozen": True}})
+    experiment = Experiment.model_validate(spec, context={"skip_registry_checks": ("objective", "dataset")})
+    device = next(model.parameters()).device
+    fitted = build_model(experiment, model.input_shape).to(device)
+    result = fitted.load_state_dict(model.state_dict(), strict=False)
+    prefix = f"lever_modules.{index}."
+    assert not result.unexpected_keys and all(k.startswith(prefix) for k in result.missing_keys), result
+    fitted.train(model.training)
+    layer = cast(ErasureLayer, fitted.lever_modules[str(index)])  # erases nothing yet: basis and mu are zero
+    features, labels = collect_features(fitted, data, batch_size, num_workers=num_workers)  # {task: (N, D)} on CPU
+    names = [name for name, _ in layer.items()] + [t for _, s in layer.items() for t, _ in s.tables()]
+    layer.update({t: features[t].to(device) for t in names}, {t: labels[t].to(device) for t in names})
+    return fitted

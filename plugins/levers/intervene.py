@@ -15,10 +15,10 @@ the model's own task-j classifier calls c, which may fool that classifier withou
 factor as the user defines it, so it is only as good as the transform: a shadow drawn unlike real shadows teaches
 the classifiers that drawing.
 
-Transforms: ``transform`` names a built-in (:data:`TRANSFORMS`: ``"negate"``, ``"shadow"``) or a user function
-as ``"package.module:function"``. A transform is called as ``fn(x, generator, **args)`` with the chosen images
-``x (n, C, H, W)`` and a seeded ``torch.Generator`` (CPU) for its random draws, and returns the transformed
-images, same shape. It must not change ``x`` in place.
+Transforms: ``transform`` names a built-in (:data:`TRANSFORMS`: ``"negate"``, ``"shadow"``, ``"background"``) or a
+user function as ``"package.module:function"``. A transform is called as ``fn(x, generator, **args)`` with the
+chosen images ``x (n, C, H, W)`` and a seeded ``torch.Generator`` (CPU) for its random draws, and returns the
+transformed images, same shape. It must not change ``x`` in place.
 
 Decisions (as in ``Recombine``, and shared with it through ``_synthesis``): rows are drawn without replacement
 among the samples labelled with a ``source`` class, with a generator seeded by the experiment's seed and the
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from mtdisent import MultiTaskModel
     from mtdisent.engine import AdversarialStep
 
-__all__ = ["Intervene", "TRANSFORMS", "negate", "shadow"]
+__all__ = ["Intervene", "TRANSFORMS", "background", "negate", "shadow"]
 
 Range = tuple[float, float]
 
@@ -121,7 +121,25 @@ def shadow(
     return lo + (x - lo) * keep[:, None].to(x)
 
 
-TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {"negate": negate, "shadow": shadow}
+def background(x: torch.Tensor, generator: torch.Generator, level: float, tol: float = 1e-3) -> torch.Tensor:
+    """The background set to ``level``: every pixel within ``tol`` of the image's darkest value (per channel).
+
+    For images whose background is a flat region darker than anything drawn on it, in the image's own units
+    (standardised units where the data is standardised: ``level = (v - mean) / std`` for a raw level ``v``). On
+    ``shapes_n`` (background 0.0 or 0.3, shapes 0.4 and brighter, one global standardisation, no noise below
+    K = 8) this is exactly the same image on the other background. ``generator`` is unused (deterministic).
+
+    Args:
+        x: Images ``(n, C, H, W)``.
+        generator: Unused; part of the transform contract.
+        level: The background's new value.
+        tol: Pixels within this of the darkest value count as background.
+    """
+    lo = x.flatten(2).amin(2)[..., None, None]  # (n, C, 1, 1)
+    return torch.where(x <= lo + tol, torch.full_like(x, float(level)), x)
+
+
+TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {"negate": negate, "shadow": shadow, "background": background}
 """The built-in transforms, by the name ``Intervene(transform=...)`` takes."""
 
 
@@ -150,7 +168,7 @@ class Intervene(Lever):
 
     Args:
         task: The task whose factor the transform changes (the nuisance: ``"shadow"``, ``"background"``).
-        transform: A built-in (``"negate"``, ``"shadow"``) or ``"package.module:function"``.
+        transform: A built-in (``"negate"``, ``"shadow"``, ``"background"``) or ``"package.module:function"``.
         target: The class (name or index) of ``task`` the transformed images show.
         source: The classes (names or indices) the transform applies to; default every class but ``target``.
         args: Keyword arguments of the transform (its signature is checked when the lever is built).
