@@ -100,6 +100,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 
+
 def shapes_n_background(spec: dict[str, Any]) -> dict[str, Any]:
     """The dark background drawn on light-background ``shapes_n`` images, at its level in the data's units."""
     norm = md.datasets.create("shapes_n", spec["data"]["args"]).factors["normalisation"]
@@ -218,12 +219,19 @@ def run_one(args: argparse.Namespace, workload: str, method: str, seed: int) -> 
     run, seconds = train_once(e, None, out)
     data = spec_data(run.model)
     probe_data = None if args.probes else False  # None: the data's train split
-    test = md.evaluate(
-        run, data, split="test", which="final", layers=("features",), probe_data=probe_data, device="cpu"
-    )
-    unseen = md.evaluate(run, data, split=unseen_split, which="final", probe_data=False, device="cpu")
     targets = nuisance or [t for t in e.task_names if t != main]
     pairs = [(main, t) for t in targets]
+    test = md.evaluate(
+        run,
+        data,
+        split="test",
+        which="final",
+        layers=("features",),
+        probe_data=probe_data,
+        device="cpu",
+        probe_pairs=pairs,
+    )
+    unseen = md.evaluate(run, data, split=unseen_split, which="final", probe_data=False, device="cpu")
 
     leak = leakage(test, pairs) if args.probes else dict.fromkeys(LEAKAGE, {})
     return {
@@ -250,9 +258,13 @@ LEAKAGE = {
 
 
 def leakage(test: md.Report, pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
-    """The normalised leakage of each pair (main -> nuisance) by each probe kind, from a report with probes."""
+    """The normalised leakage of each pair (main -> nuisance) by each probe kind the report has."""
     probes = test.probes["features"]
-    return {key: {f"{i}->{j}": probes[kind].normalised[(i, j)] for i, j in pairs} for key, kind in LEAKAGE.items()}
+    return {
+        key: {f"{i}->{j}": probes[kind].normalised[(i, j)] for i, j in pairs}
+        for key, kind in LEAKAGE.items()
+        if kind in probes
+    }
 
 
 def fill_probes(args: argparse.Namespace, row: dict[str, Any]) -> None:
@@ -260,7 +272,7 @@ def fill_probes(args: argparse.Namespace, row: dict[str, Any]) -> None:
     _, _, main, nuisance = WORKLOADS[row["workload"]]
     model = md.load(run_dir(args.runs, args.quick, row["workload"], row["method"], row["seed"]), "final")
     pairs = [(main, t) for t in (nuisance or [t for t in model.task_names if t != main])]
-    row.update(leakage(md.evaluate(model, split="test", layers=("features",), device="cpu"), pairs))
+    row.update(leakage(md.evaluate(model, split="test", layers=("features",), device="cpu", probe_pairs=pairs), pairs))
 
 
 def spec_data(model: md.MultiTaskModel) -> md.DataSource:

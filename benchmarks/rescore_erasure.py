@@ -8,7 +8,8 @@ main task's features by the conditional erasure lever, fitted on the final featu
 (``disentangle.scores`` and ``disentangle.leakage``): every task's accuracy on ``test``, the main task's on the
 unseen split, the trained adversaries', and the leakage of each nuisance from the main task's features by fresh
 linear and MLP probes, conditional and unconditional, fitted on ``train`` and scored on ``test``. Evaluation
-only: the runs are not changed. ``--no-before`` skips the final model's probes (the study has them already).
+only: the runs are not changed. ``--no-before`` skips the final model's probes (the study has them already);
+``--probes linear`` fits only the linear ones (the MLP probes cost most of the time).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def score(model: md.MultiTaskModel, data: md.DataSource, args: argparse.Namespac
     pairs = [(args.main, t) for t in (args.nuisance or [t for t in model.task_names if t != args.main])]
     out = scores(model, data, args.unseen, args.main, pairs)
     if probes:
-        out.update(leakage(md.evaluate(model, data, split="test", layers=("features",), device="cpu"), pairs))
+        report = md.evaluate(
+            model, data, split="test", probes=args.probes, layers=("features",), device="cpu", probe_pairs=pairs
+        )
+        out.update(leakage(report, pairs))
     return out
 
 
@@ -45,6 +49,7 @@ def main() -> None:
     p.add_argument("--nuisance", nargs="+", help="the tasks erased from the main task's features (default: the rest)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--no-before", dest="before", action="store_false", help="skip the final model's probes")
+    p.add_argument("--probes", nargs="+", choices=["linear", "mlp"], default=["linear", "mlp"], help="probe kinds")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

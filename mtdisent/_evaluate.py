@@ -468,6 +468,7 @@ def evaluate(
     device: str | torch.device = "auto",
     metrics: Sequence[Metric] = (),
     conditional: bool = True,
+    probe_pairs: Sequence[tuple[str, str]] | None = None,
 ) -> Report:
     """Evaluate a trained model.
 
@@ -487,6 +488,8 @@ def evaluate(
         metrics: Extra :class:`~mtdisent.Metric` objects computed on the evaluation data (in ``report.values``
             next to the built-in accuracy keys).
         conditional: Also fit the conditional probes (kinds ``<kind>_conditional``, the headline leakage).
+        probe_pairs: Probe only these ordered pairs ``(i, j)`` (task i's features, task j's labels); the other
+            cells are ``nan``. Default every pair. Each cell is the one the full matrix has (same probe seed).
 
     Returns:
         A :class:`Report`.
@@ -543,7 +546,16 @@ def evaluate(
                 for cond in (False, True) if conditional else (False,):
                     key = f"{kind}_conditional" if cond else kind
                     report.probes[layer][key] = leakage_matrix(
-                        tr_f, tr_y, ev_f, labels, n_classes, kind=kind, seed=seed, conditional=cond, **names
+                        tr_f,
+                        tr_y,
+                        ev_f,
+                        labels,
+                        n_classes,
+                        kind=kind,
+                        seed=seed,
+                        conditional=cond,
+                        pairs=probe_pairs,
+                        **names,
                     )
         report.info["n_probe"] = len(next(iter(tr_y.values())))
         seen = seen_combinations(tr_y, tasks)  # factor combinations present in the probe (training) data

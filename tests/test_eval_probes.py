@@ -320,6 +320,20 @@ def three_task_data(n, seed):
     return feats, y
 
 
+@pytest.mark.parametrize("conditional", [False, True])
+def test_leakage_matrix_of_chosen_pairs_has_the_full_matrix_cells_and_nan_elsewhere(conditional):
+    (ftr, ytr), (fev, yev) = three_task_data(300, 0), three_task_data(200, 1)
+    k = {"a": 2, "b": 3, "c": 2}
+    full = leakage_matrix(ftr, ytr, fev, yev, k, kind="linear", seed=0, conditional=conditional)
+    some = leakage_matrix(ftr, ytr, fev, yev, k, kind="linear", seed=0, conditional=conditional, pairs=[("a", "b")])
+    assert some.accuracy[("a", "b")] == full.accuracy[("a", "b")] and not math.isnan(some.accuracy[("a", "b")])
+    others = [p for p in full.accuracy if p != ("a", "b")]
+    assert all(math.isnan(some.accuracy[p]) and math.isnan(some.normalised[p]) for p in others)
+    assert some.info["cells"]["b->a"] == {"reason": "not requested (pairs)"}
+    with pytest.raises(EvaluationError, match=r"pairs: \('a', 'z'\) is not a pair \(i, j\) of tasks"):
+        leakage_matrix(ftr, ytr, fev, yev, k, pairs=[("a", "z")])
+
+
 def test_leakage_matrix_shape_keys_and_values():
     (ftr, ytr), (fev, yev) = three_task_data(400, 0), three_task_data(300, 1)
     ytr["c"][:100] = -1  # partly unlabelled

@@ -724,6 +724,7 @@ def leakage_matrix(
     conditional: bool = False,
     fit_split: str | None = None,
     score_split: str | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
     **probe_kwargs: Any,
 ) -> LeakageMatrix:
     """Fit a fresh probe for every ordered pair (i, j), i == j included, and score it on other data.
@@ -751,6 +752,8 @@ def leakage_matrix(
         conditional: Probe task j within each class of task i (see above).
         fit_split: Name of the split of ``train_*`` (recorded in ``info``).
         score_split: Name of the split of ``eval_*`` (recorded in ``info``); must differ from ``fit_split``.
+        pairs: Only these ordered pairs ``(i, j)`` are probed (each cell as the full matrix has it: every probe
+            uses the same seed); the others are ``nan``. Default every pair.
         **probe_kwargs: Passed to :func:`train_probe` (``seed`` and the settings of ``kind``).
 
     Returns:
@@ -796,6 +799,7 @@ def leakage_matrix(
         for j in names:
             _check_length(xtr[t], ytr[j], f"train_feats[{t!r}]", f"train_labels[{j!r}]")
             _check_length(xev[t], yev[j], f"eval_feats[{t!r}]", f"eval_labels[{j!r}]")
+    wanted = _check_pairs(pairs, names)
 
     majority = {j: majority_rate(yev[j], ks[j]) for j in names}
     acc: dict[tuple[str, str], float] = {}
@@ -806,7 +810,10 @@ def leakage_matrix(
         for j in names:
             fit, held = ytr[j] != UNLABELLED, yev[j] != UNLABELLED
             cell: dict[str, Any]
-            if not conditional:
+            if (i, j) not in wanted:
+                a = base = math.nan
+                cell = {"reason": "not requested (pairs)"}
+            elif not conditional:
                 base = majority[j]
                 if not bool(fit.any()) or not bool(held.any()):
                     a, cell = math.nan, {"reason": f"task {j!r} has no labelled {'fit' if held.any() else 'score'} row"}
@@ -827,6 +834,18 @@ def leakage_matrix(
         "cells": cells,
     }
     return LeakageMatrix(names, acc, majority, norm, kind, info, conditional)
+
+
+def _check_pairs(pairs: Any, names: list[str]) -> set[tuple[str, str]]:
+    """``pairs`` as a set of ordered task pairs (every pair when ``None``); one-line errors for anything else."""
+    if pairs is None:
+        return {(i, j) for i in names for j in names}
+    out = set()
+    for p in pairs if isinstance(pairs, (list, tuple)) else [pairs]:
+        if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(t in names for t in p)):
+            raise EvaluationError(f"pairs: {p!r} is not a pair (i, j) of tasks; tasks: {names}")
+        out.add((p[0], p[1]))
+    return out
 
 
 def _conditional(i: str, j: str, fit: torch.Tensor, held: torch.Tensor, score: _RowProbes) -> tuple[float, float, dict]:
