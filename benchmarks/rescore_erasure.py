@@ -3,8 +3,8 @@
     python benchmarks/rescore_erasure.py --unseen unseen --main shape --out OUT.json RUN_DIR...
 
 For each run directory, the final model as trained (``"final"``) and a copy with every nuisance erased from the
-main task's features by the conditional erasure lever, fitted on the final features of the whole training split
-(``"erased"``; the classifiers are not retrained). Each is scored as the study scores a run
+main task's features by the erasure lever (``--mode``, default conditional), fitted on the final features of the
+whole training split (``"erased"``; the classifiers are not retrained). Each is scored as the study scores a run
 (``disentangle.scores`` and ``disentangle.leakage``): every task's accuracy on ``test``, the main task's on the
 unseen split, the trained adversaries', and the leakage of each nuisance from the main task's features by fresh
 linear and MLP probes, conditional and unconditional, fitted on ``train`` and scored on ``test``. Evaluation
@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--nuisance", nargs="+", help="the tasks erased from the main task's features (default: the rest)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--no-before", dest="before", action="store_false", help="skip the final model's probes")
+    p.add_argument("--mode", default="conditional", choices=["conditional", "marginal", "keep_own"])
     p.add_argument("--probes", nargs="+", choices=["linear", "mlp"], default=["linear", "mlp"], help="probe kinds")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -60,9 +61,10 @@ def main() -> None:
         nuisance = args.nuisance or [t for t in model.task_names if t != args.main]
         start = time.perf_counter()
         train = data[model.experiment.training.train_split]
-        erased = fit_erasure(model, train, pairs=[[args.main, t] for t in nuisance])
+        erased = fit_erasure(model, train, mode=args.mode, pairs=[[args.main, t] for t in nuisance])
         fit_seconds = time.perf_counter() - start
-        row = {"run": str(run), "final": score(model, data, args, args.before), "fit_seconds": fit_seconds}
+        row = {"run": str(run), "mode": args.mode, "final": score(model, data, args, args.before)}
+        row["fit_seconds"] = fit_seconds
         row["erased"] = score(erased, data, args, True)
         source = erased.lever_modules[str(len(erased.experiment.levers) - 1)].sources[args.main]
         row["erased_rank"] = int(source.rank)
