@@ -275,6 +275,17 @@ def fill_probes(args: argparse.Namespace, row: dict[str, Any]) -> None:
     row.update(leakage(md.evaluate(model, split="test", layers=("features",), device="cpu", probe_pairs=pairs), pairs))
 
 
+def rescore_parser(doc: str, main_help: str) -> argparse.ArgumentParser:
+    """The command line shared by the scripts that score finished runs again (``rescore_*.py``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--unseen", required=True, help="the unseen split's name")
+    p.add_argument("--main", required=True, help=main_help)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=2)
+    return p
+
+
 def spec_data(model: md.MultiTaskModel) -> md.DataSource:
     """The data the model's spec names (what it trained on), built once."""
     e = model.experiment

@@ -13,7 +13,6 @@ replayed: ``"replayed"``). Evaluation only: the runs are not changed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,17 +23,11 @@ import torch
 import mtdisent as md
 
 sys.path.insert(0, str(Path(__file__).parent))
-from disentangle import recomputed, scores, spec_data  # noqa: E402  (one definition of the scores)
+from disentangle import recomputed, rescore_parser, scores, spec_data  # noqa: E402  (one definition of the scores)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path)
-    p.add_argument("--unseen", required=True, help="the unseen split's name")
-    p.add_argument("--main", required=True, help="the task scored on the unseen split")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+    args = rescore_parser(__doc__, "the task scored on the unseen split").parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
     for run in args.runs:

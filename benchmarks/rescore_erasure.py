@@ -27,7 +27,7 @@ from mtdisent_plugins.levers.erasure import fit_erasure
 import mtdisent as md
 
 sys.path.insert(0, str(Path(__file__).parent))
-from disentangle import leakage, scores, spec_data  # noqa: E402  (one definition of the scores)
+from disentangle import leakage, rescore_parser, scores, spec_data  # noqa: E402  (one definition of the scores)
 
 
 def score(model: md.MultiTaskModel, data: md.DataSource, args: argparse.Namespace, probes: bool) -> dict[str, Any]:
@@ -42,16 +42,11 @@ def score(model: md.MultiTaskModel, data: md.DataSource, args: argparse.Namespac
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path)
-    p.add_argument("--unseen", required=True, help="the unseen split's name")
-    p.add_argument("--main", required=True, help="the task whose features are erased and scored on the unseen split")
+    p = rescore_parser(__doc__, "the task whose features are erased and scored on the unseen split")
     p.add_argument("--nuisance", nargs="+", help="the tasks erased from the main task's features (default: the rest)")
-    p.add_argument("--out", type=Path, required=True)
     p.add_argument("--no-before", dest="before", action="store_false", help="skip the final model's probes")
     p.add_argument("--mode", default="conditional", choices=["conditional", "marginal", "keep_own"])
     p.add_argument("--probes", nargs="+", choices=["linear", "mlp"], default=["linear", "mlp"], help="probe kinds")
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []

@@ -112,7 +112,7 @@ def test_rescore_erasure_scores_the_final_model_and_its_erased_copy(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert "linear_conditional_leakage" not in row["final"]  # --no-before: the study has those
     assert set(row["erased"]["mlp_conditional_leakage"]) == {"shape->background"}
-    assert row["erased_rank"] >= 1 and "conditional linear leakage" in proc.stdout
+    assert row["erased_rank"] >= 1 and row["mode"] == "conditional" and "conditional linear leakage" in proc.stdout
     study = json.loads((tmp_path / "results.json").read_text())["rows"][0]
     assert study["test_accuracy"] == row["final"]["test_accuracy"]  # the study scored the same final model
 
