@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mtdisent_plugins.datasets.shapes import BG_LEVELS
+
 import mtdisent as md
 from mtdisent.evaluation import format_mean_std
 
@@ -104,7 +106,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 def shapes_n_background(spec: dict[str, Any]) -> dict[str, Any]:
     """The dark background drawn on light-background ``shapes_n`` images, at its level in the data's units."""
     norm = md.datasets.create("shapes_n", spec["data"]["args"]).factors["normalisation"]
-    dark = 0.0  # shapes_n's raw dark background level (BG_LEVELS[0])
+    dark = BG_LEVELS[0]  # shapes_n's raw dark background level
     level = (dark - norm["mean"]) / norm["std"] if norm["kind"] == "global" else dark
     lever = {"task": "background", "transform": "background", "source": ["light"], "target": "dark"}
     return {**lever, "args": {"level": level}}

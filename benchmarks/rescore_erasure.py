@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from disentangle import leakage, rescore_parser, scores, spec_data  # noqa: E402  (one definition of the scores)
 
 
-def score(model: md.MultiTaskModel, data: md.DataSource, args: argparse.Namespace, probes: bool) -> dict[str, Any]:
-    pairs = [(args.main, t) for t in (args.nuisance or [t for t in model.task_names if t != args.main])]
+def score(
+    model: md.MultiTaskModel, data: md.DataSource, args: argparse.Namespace, pairs: list[tuple[str, str]], probes: bool
+) -> dict[str, Any]:
     out = scores(model, data, args.unseen, args.main, pairs)
     if probes:
         report = md.evaluate(
@@ -53,14 +54,14 @@ def main() -> None:
     for run in args.runs:
         model = md.load(run, "final")
         data = spec_data(model)
-        nuisance = args.nuisance or [t for t in model.task_names if t != args.main]
+        pairs = [(args.main, t) for t in (args.nuisance or [t for t in model.task_names if t != args.main])]
         start = time.perf_counter()
         train = data[model.experiment.training.train_split]
-        erased = fit_erasure(model, train, mode=args.mode, pairs=[[args.main, t] for t in nuisance])
+        erased = fit_erasure(model, train, mode=args.mode, pairs=[list(p) for p in pairs])
         fit_seconds = time.perf_counter() - start
-        row = {"run": str(run), "mode": args.mode, "final": score(model, data, args, args.before)}
+        row = {"run": str(run), "mode": args.mode, "final": score(model, data, args, pairs, args.before)}
         row["fit_seconds"] = fit_seconds
-        row["erased"] = score(erased, data, args, True)
+        row["erased"] = score(erased, data, args, pairs, True)
         source = erased.lever_modules[str(len(erased.experiment.levers) - 1)].sources[args.main]
         row["erased_rank"] = int(source.rank)
         rows.append(row)
@@ -68,7 +69,7 @@ def main() -> None:
         unseen = " -> ".join(f"{row[k]['unseen_accuracy']:.3f}" for k in kinds)
         seen = " -> ".join(f"{min(row[k]['test_accuracy'].values()):.3f}" for k in kinds)
         leak = " -> ".join(
-            f"{sum(row[k]['linear_conditional_leakage'].values()) / len(nuisance):.2f}"
+            f"{sum(row[k]['linear_conditional_leakage'].values()) / len(pairs):.2f}"
             for k in kinds
             if "linear_conditional_leakage" in row[k]
         )

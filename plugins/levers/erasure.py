@@ -77,6 +77,7 @@ of linear algebra; a dependency for that is not worth it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
@@ -459,7 +460,7 @@ def fit_erasure(
     """
     if not isinstance(model, MultiTaskModel):
         raise ComponentError(f"fit_erasure: model must be a MultiTaskModel, got {type(model).__name__}")
-    if isinstance(data, DataSource) or isinstance(data, dict):
+    if isinstance(data, (DataSource, Mapping)):
         raise ComponentError(f"fit_erasure: data: pass one split (for example data['train']), not {sorted(data)}")
     args = {"mode": mode, "momentum": None, "min_count": min_count, "pairs": pairs, "min_sine": min_sine}
     Erasure(**args, frozen=True)  # every argument checked, in one line, before any work
