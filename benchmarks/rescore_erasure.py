@@ -4,12 +4,16 @@
 
 For each run directory, the final model as trained (``"final"``) and a copy with every nuisance erased from the
 main task's features by the erasure lever (``--mode``, default conditional), fitted on the final features of the
-whole training split (``"erased"``; the classifiers are not retrained). Each is scored as the study scores a run
+whole training split (``"erased"``; the classifiers are not retrained). With ``--retrain EPOCHS`` two more: the
+erased copy with its main-task classifier retrained on its erased features of the training split (``"retrained"``,
+``fit_erasure(retrain_epochs=...)``; its features are the erased copy's, so it gets no probes of its own), and, the
+control, the final model with that classifier retrained the same way on its features as they are
+(``"retrained_plain"``, ``md.retrain_classifiers``). Each is scored as the study scores a run
 (``disentangle.scores`` and ``disentangle.leakage``): every task's accuracy on ``test``, the main task's on the
 unseen split, the trained adversaries', and the leakage of each nuisance from the main task's features by fresh
 linear and MLP probes, conditional and unconditional, fitted on ``train`` and scored on ``test``. Evaluation
 only: the runs are not changed. ``--no-before`` skips the final model's probes (the study has them already);
-``--probes linear`` fits only the linear ones (the MLP probes cost most of the time).
+``--probes linear`` fits only the linear ones (the MLP probes cost most of the time), ``--probes`` alone none.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def score(
     model: md.MultiTaskModel, data: md.DataSource, args: argparse.Namespace, pairs: list[tuple[str, str]], probes: bool
 ) -> dict[str, Any]:
     out = scores(model, data, args.unseen, args.main, pairs)
-    if probes:
+    if probes and args.probes:
         report = md.evaluate(
             model, data, split="test", probes=args.probes, layers=("features",), device="cpu", probe_pairs=pairs
         )
@@ -47,7 +51,9 @@ def main() -> None:
     p.add_argument("--nuisance", nargs="+", help="the tasks erased from the main task's features (default: the rest)")
     p.add_argument("--no-before", dest="before", action="store_false", help="skip the final model's probes")
     p.add_argument("--mode", default="conditional", choices=["conditional", "marginal", "keep_own"])
-    p.add_argument("--probes", nargs="+", choices=["linear", "mlp"], default=["linear", "mlp"], help="probe kinds")
+    p.add_argument("--probes", choices=["linear", "mlp"], default=["linear", "mlp"], nargs="*", help="probe kinds")
+    p.add_argument("--retrain", type=int, default=0, metavar="EPOCHS", help="also score a retrained classifier")
+    p.add_argument("--retrain-lr", type=float, help="its learning rate (default the run's training.optimizer.lr)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
@@ -64,8 +70,25 @@ def main() -> None:
         row["erased"] = score(erased, data, args, pairs, True)
         source = erased.lever_modules[str(len(erased.experiment.levers) - 1)].sources[args.main]
         row["erased_rank"] = int(source.rank)
+        kinds: tuple[str, ...] = ("final", "erased")
+        if args.retrain:  # the main classifier retrained on the erased features, and (the control) on the final ones
+            start = time.perf_counter()
+            retrained = fit_erasure(
+                model,
+                train,
+                mode=args.mode,
+                pairs=[list(p) for p in pairs],
+                retrain_epochs=args.retrain,
+                retrain_lr=args.retrain_lr,
+            )
+            row["retrain"] = {"epochs": args.retrain, "lr": args.retrain_lr, "seconds": time.perf_counter() - start}
+            row["retrained"] = score(retrained, data, args, pairs, False)
+            plain = md.retrain_classifiers(
+                md.load(run, "final"), train, tasks=[args.main], epochs=args.retrain, lr=args.retrain_lr
+            )
+            row["retrained_plain"] = score(plain, data, args, pairs, False)
+            kinds += ("retrained", "retrained_plain")
         rows.append(row)
-        kinds = ("final", "erased")
         unseen = " -> ".join(f"{row[k]['unseen_accuracy']:.3f}" for k in kinds)
         seen = " -> ".join(f"{min(row[k]['test_accuracy'].values()):.3f}" for k in kinds)
         leak = " -> ".join(

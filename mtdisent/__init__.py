@@ -28,6 +28,7 @@ from ._objectives import Objective, grad_reverse, masked_pair_cross_entropy
 from ._plots import FigureWarning
 from ._presets import preset
 from ._registry import Registry, backbones, datasets, levers, list_plugins, objectives, register
+from ._retrain import retrain_classifiers
 from ._spec import (
     AdversaryPair,
     AdversarySpec,
@@ -70,6 +71,7 @@ __all__ = [
     "load",
     "evaluate",
     "recompute_batchnorm",
+    "retrain_classifiers",
     "Report",
     "Metric",
     # plugins

@@ -334,14 +334,30 @@ class HeadGroup(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             fresh = {n: MLPHead(self._shapes[n][0], self._num_classes[n], self._shapes[n][1]) for n in names}
+        for name, head in fresh.items():
+            self.load_head(name, head)
+
+    def head(self, name: str) -> MLPHead:
+        """A standalone copy of head ``name`` (weights and BatchNorm statistics), on the group's device."""
+        dim, spec = self._shapes[name]
+        copy = MLPHead(dim, self._num_classes[name], spec)
+        if not self.stacked:
+            state = self.separate[name].state_dict()
+        else:
+            si, gi = self.where[name]
+            state = {k[len(name) + 1 :]: v for k, v in self._stacks[si].canonical_items([name], [gi])}
+        copy.load_state_dict(state)
+        return copy.to(next(iter(state.values())).device)
+
+    def load_head(self, name: str, head: MLPHead) -> None:
+        """Copy ``head``'s weights and BatchNorm statistics into head ``name`` (the inverse of :meth:`head`)."""
         with torch.no_grad():
-            for name, head in fresh.items():
-                if not self.stacked:
-                    self.separate[name].load_state_dict(head.state_dict())
-                    continue
-                si, gi = self.where[name]
-                state = {f"{name}.{k}": v for k, v in head.state_dict().items()}
-                self._stacks[si].load_canonical(state, [name], [gi])
+            if not self.stacked:
+                self.separate[name].load_state_dict(head.state_dict())
+                return
+            si, gi = self.where[name]
+            state = {f"{name}.{k}": v for k, v in head.state_dict().items()}
+            self._stacks[si].load_canonical(state, [name], [gi])
 
     def __getitem__(self, name: str) -> nn.Module:
         return self.separate[name] if not self.stacked else self._views[name]

@@ -102,6 +102,27 @@ def test_reinitialise_gives_exactly_a_fresh_head_and_leaves_the_others(stacked):
             assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("stacked", [True, False])
+def test_head_copy_is_independent_and_load_head_writes_back_only_that_head(stacked):
+    spec = md.HeadSpec(hidden=[8])
+    heads = {n: MLPHead(6, k, spec) for n, k in (("a", 2), ("b", 3), ("c", 2))}
+    group = HeadGroup(heads, dict.fromkeys(heads, spec), stacked).eval()
+    x = torch.randn(5, 6)
+    copy = group.head("b").eval()
+    torch.testing.assert_close(copy(x), group["b"](x))  # the copy computes what the head computes
+    before = {k: v.clone() for k, v in group.state_dict().items()}
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(1.0)
+        copy.body[1].running_mean.fill_(0.5)
+    assert group.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in group.state_dict().items())  # a copy, not a view
+    group.load_head("b", copy)
+    for k, v in group.state_dict().items():
+        name, rest = k.split(".", 1)
+        assert torch.equal(v, copy.state_dict()[rest] if name == "b" else before[k]), k
+
+
 def test_reinit_rotates_through_members_on_schedule_and_resume_is_exact(tmp_path):
     e = experiment(ensemble=2, reinit_every=3, training={"iterations": 10, "checkpoint_every": 4})
     run = md.train(e, quiet=True)

@@ -486,3 +486,31 @@ def test_fit_erasure_equalises_the_cell_means_of_the_final_features_on_its_data(
         fit_erasure(model, md.DataSource({"train": data}, tasks=model.experiment.tasks))
     with pytest.raises(md.ComponentError, match=r"mode='nope'"):
         fit_erasure(model, data, mode="nope")
+
+
+def test_fit_erasure_retrains_only_the_erased_sources_classifiers_on_the_erased_features():
+    from conftest import ToyDataset, toy_experiment
+    from mtdisent_plugins.levers.erasure import fit_erasure
+
+    from mtdisent.evaluation import collect_features
+
+    model = md.build_model(toy_experiment(backbone={"args": {"filters": [4, 8], "output": "flatten"}})).eval()
+    data = ToyDataset(240, seed=3)
+    plain = fit_erasure(model, data, pairs=["a->b"], min_count=5)
+    kept = fit_erasure(model, data, pairs=["a->b"], min_count=5, retrain_epochs=15, retrain_lr=3e-3, seed=1)
+    s_plain, s_kept = plain.state_dict(), kept.state_dict()
+    changed = {k for k in s_plain if not torch.equal(s_plain[k], s_kept[k])}
+    assert changed and all(k.startswith("classifiers.a.") for k in changed), changed  # encoders, b, erasure kept
+    assert not kept.training
+    accuracy = {
+        n: (m.predict(data.x)["a"] == data.a).float().mean().item() for n, m in (("plain", plain), ("kept", kept))
+    }
+    assert accuracy["kept"] >= 0.95 and accuracy["kept"] > accuracy["plain"] + 0.2, accuracy
+    f, _ = collect_features(kept, data)  # a's features, erased
+    head = kept.classifiers.head("a")
+    pre = f["a"] @ head.body[0].weight.T  # (N, 16): the head's BatchNorm input, on the erased features
+    torch.testing.assert_close(head.body[1].running_var, pre.var(0))
+    with pytest.raises(md.ComponentError, match=r"retrain_epochs=-1: expected an integer >= 0"):
+        fit_erasure(model, data, retrain_epochs=-1)
+    with pytest.raises(md.ComponentError, match=r"retrain_lr=0: expected a number > 0"):
+        fit_erasure(model, data, retrain_epochs=1, retrain_lr=0)

@@ -85,7 +85,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mtdisent import ComponentError, DataSource, Experiment, Lever, MultiTaskModel, build_model
+from mtdisent import ComponentError, DataSource, Experiment, Lever, MultiTaskModel, build_model, retrain_classifiers
 from mtdisent.evaluation import collect_features
 
 __all__ = ["Erasure", "ErasureLayer", "fit_erasure"]
@@ -431,6 +431,9 @@ def fit_erasure(
     min_sine: float = 0.05,
     batch_size: int = 256,
     num_workers: int = 0,
+    retrain_epochs: int = 0,
+    retrain_lr: float | None = None,
+    seed: int = 0,
 ) -> MultiTaskModel:
     """A copy of a trained model with an erasure layer fitted, after training, on its features over ``data``.
 
@@ -439,8 +442,12 @@ def fit_erasure(
     every erased pair's usable cell means are then equal within each class of the source (``conditional``; see
     the module docstring for each mode), so a linear probe fitted on ``data`` can do no better than a constant
     there. The copy's experiment is the model's plus a frozen ``erasure`` lever (these arguments), placed after the
-    model's own levers; its weights are the model's, and the model itself is unchanged. The classifiers are not
-    retrained: they read the erased features as they are, so check their accuracy (``md.evaluate``) on the copy.
+    model's own levers; its weights are the model's, and the model itself is unchanged. By default the classifiers
+    are not retrained: they read the erased features as they are, so check their accuracy (``md.evaluate``) on the
+    copy. With ``retrain_epochs``, :func:`mtdisent.retrain_classifiers` then trains the classifier of every erased
+    source again on its erased features of ``data`` (from its weights; encoders and other heads frozen). The erasure
+    is fitted first and is not changed by the retraining, so the linear guarantee on the features holds whatever
+    the heads learn.
 
     Args:
         model: A trained :class:`~mtdisent.MultiTaskModel` (for example ``md.load(run_dir)``).
@@ -451,6 +458,9 @@ def fit_erasure(
         min_sine: As :class:`Erasure` (``keep_own`` only).
         batch_size: Images per forward pass.
         num_workers: DataLoader worker processes.
+        retrain_epochs: ``retrain_classifiers``' ``epochs`` (0: the classifiers are not retrained).
+        retrain_lr: Its ``lr`` (default the experiment's ``training.optimizer.lr``).
+        seed: Its ``seed``.
 
     Returns:
         The new model, on the model's device, in the model's train/eval mode.
@@ -464,6 +474,12 @@ def fit_erasure(
         raise ComponentError(f"fit_erasure: data: pass one split (for example data['train']), not {sorted(data)}")
     args = {"mode": mode, "momentum": None, "min_count": min_count, "pairs": pairs, "min_sine": min_sine}
     Erasure(**args, frozen=True)  # every argument checked, in one line, before any work
+    if isinstance(retrain_epochs, bool) or not isinstance(retrain_epochs, int) or retrain_epochs < 0:
+        raise ComponentError(f"fit_erasure: retrain_epochs={retrain_epochs!r}: expected an integer >= 0")
+    if retrain_lr is not None and (
+        isinstance(retrain_lr, bool) or not isinstance(retrain_lr, (int, float)) or not retrain_lr > 0
+    ):
+        raise ComponentError(f"fit_erasure: retrain_lr={retrain_lr!r}: expected a number > 0 or None")
     spec = model.experiment.model_dump(mode="json")
     index = len(spec["levers"])
     spec["levers"].append({"name": "erasure", "args": {**args, "frozen": True}})
@@ -478,4 +494,15 @@ def fit_erasure(
     features, labels = collect_features(fitted, data, batch_size, num_workers=num_workers)  # {task: (N, D)} on CPU
     names = [name for name, _ in layer.items()] + [t for _, s in layer.items() for t, _ in s.tables()]
     layer.update({t: features[t].to(device) for t in names}, {t: labels[t].to(device) for t in names})
+    if retrain_epochs:
+        retrain_classifiers(
+            fitted,
+            data,
+            tasks=[t for t, _ in layer.items()],
+            epochs=retrain_epochs,
+            lr=retrain_lr,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+        )
     return fitted
