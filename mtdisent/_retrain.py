@@ -59,7 +59,8 @@ def retrain_classifiers(
         lr: Learning rate (default the experiment's ``training.optimizer.lr``).
         batch_size: Images per forward pass when computing the features.
         num_workers: DataLoader worker processes for that pass.
-        seed: Seeds the shuffles and any dropout; the global random state is left as it was.
+        seed: Seeds the shuffles, any dropout, and whatever the data draws from torch's global generator (random
+            augmentation, e.g. ``fetal_us_sim``'s ``train_shift``); the global random state is left as it was.
 
     Returns:
         ``model``, its mode restored.
@@ -89,10 +90,10 @@ def retrain_classifiers(
     )
     training = model.experiment.training
     optimizer = training.optimizer if lr is None else training.optimizer.model_copy(update={"lr": float(lr)})
-    features, labels = collect_features(model, data, batch_size, num_workers=num_workers)  # {task: (N, D)} on CPU
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
+        features, labels = collect_features(model, data, batch_size, num_workers=num_workers)  # {task: (N, D)}, CPU
         for task in names:
             keep = labels[task] >= 0
             if int(keep.sum()) < 2:

@@ -491,6 +491,7 @@ def test_fit_erasure_equalises_the_cell_means_of_the_final_features_on_its_data(
 def test_fit_erasure_retrains_only_the_erased_sources_classifiers_on_the_erased_features():
     from conftest import ToyDataset, toy_experiment
     from mtdisent_plugins.levers.erasure import fit_erasure
+    from test_retrain import Augmented
 
     from mtdisent.evaluation import collect_features
 
@@ -502,6 +503,12 @@ def test_fit_erasure_retrains_only_the_erased_sources_classifiers_on_the_erased_
     changed = {k for k in s_plain if not torch.equal(s_plain[k], s_kept[k])}
     assert changed and all(k.startswith("classifiers.a.") for k in changed), changed  # encoders, b, erasure kept
     assert not kept.training
+    noisy = Augmented(240, seed=3)  # draws from the global generator: the fit is still repeatable
+    again = []
+    for state in (10, 11):  # whatever the global generator's state
+        torch.manual_seed(state)
+        again.append(fit_erasure(model, noisy, pairs=["a->b"], min_count=5, retrain_epochs=1, seed=4).state_dict())
+    assert all(torch.equal(v, again[1][k]) for k, v in again[0].items())
     accuracy = {
         n: (m.predict(data.x)["a"] == data.a).float().mean().item() for n, m in (("plain", plain), ("kept", kept))
     }

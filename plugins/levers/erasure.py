@@ -460,7 +460,8 @@ def fit_erasure(
         num_workers: DataLoader worker processes.
         retrain_epochs: ``retrain_classifiers``' ``epochs`` (0: the classifiers are not retrained).
         retrain_lr: Its ``lr`` (default the experiment's ``training.optimizer.lr``).
-        seed: Its ``seed``.
+        seed: Seeds the feature pass (whatever the data draws from torch's global generator) and the retraining
+            (``retrain_classifiers``' ``seed``).
 
     Returns:
         The new model, on the model's device, in the model's train/eval mode.
@@ -491,7 +492,9 @@ def fit_erasure(
     assert not result.unexpected_keys and all(k.startswith(prefix) for k in result.missing_keys), result
     fitted.train(model.training)
     layer = cast(ErasureLayer, fitted.lever_modules[str(index)])  # erases nothing yet: basis and mu are zero
-    features, labels = collect_features(fitted, data, batch_size, num_workers=num_workers)  # {task: (N, D)} on CPU
+    with torch.random.fork_rng(devices=[]):  # a dataset's random augmentation draws the same images every time
+        torch.manual_seed(seed)
+        features, labels = collect_features(fitted, data, batch_size, num_workers=num_workers)  # {task: (N, D)}, CPU
     names = [name for name, _ in layer.items()] + [t for _, s in layer.items() for t, _ in s.tables()]
     layer.update({t: features[t].to(device) for t in names}, {t: labels[t].to(device) for t in names})
     if retrain_epochs:
