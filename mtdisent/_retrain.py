@@ -112,11 +112,12 @@ def retrain_classifiers(
                     opt.step()
             with torch.no_grad():  # the BatchNorm statistics of the final weights over every labelled sample
                 norms = [m for m in head.modules() if isinstance(m, nn.BatchNorm1d)]
+                momenta = [m.momentum for m in norms]
                 for m in norms:
                     m.reset_running_stats()
                     m.momentum = None  # one batch, cumulative: exactly its mean and (unbiased) variance
                 head(x)
-                for m in norms:
-                    m.momentum = 0.1
+                for m, momentum in zip(norms, momenta, strict=True):
+                    m.momentum = momentum
             model.classifiers.load_head(task, head)
     return model
