@@ -6,12 +6,12 @@ For each run directory, the final model as trained (``"final"``) and a copy with
 main task's features by the erasure lever (``--mode``, default conditional), fitted on the final features of the
 whole training split (``"erased"``; the classifiers are not retrained). With ``--retrain EPOCHS`` two more: the
 erased copy with its main-task classifier retrained on its erased features of the training split (``"retrained"``,
-``fit_erasure(retrain_epochs=...)``; its features are the erased copy's, so it gets no probes of its own), and, the
-control, the final model with that classifier retrained the same way on its features as they are
-(``"retrained_plain"``, ``md.retrain_classifiers``). Each is scored as the study scores a run
-(``disentangle.scores`` and ``disentangle.leakage``): every task's accuracy on ``test``, the main task's on the
-unseen split, the trained adversaries', and the leakage of each nuisance from the main task's features by fresh
-linear and MLP probes, conditional and unconditional, fitted on ``train`` and scored on ``test``. Evaluation
+``md.retrain_classifiers``, what ``fit_erasure(retrain_epochs=...)`` does; its features are the erased copy's, so it
+gets no probes of its own), and, the control, the final model with that classifier retrained the same way on its
+features as they are (``"retrained_plain"``); ``retrain.seconds`` is the retraining alone. Each is scored as the
+study scores a run (``disentangle.scores`` and ``disentangle.leakage``): every task's accuracy on ``test``, the main
+task's on the unseen split, the trained adversaries', and the leakage of each nuisance from the main task's features
+by fresh linear and MLP probes, conditional and unconditional, fitted on ``train`` and scored on ``test``. Evaluation
 only: the runs are not changed. ``--no-before`` skips the final model's probes (the study has them already);
 ``--probes linear`` fits only the linear ones (the MLP probes cost most of the time), ``--probes`` alone none.
 """
@@ -71,22 +71,13 @@ def main() -> None:
         source = erased.lever_modules[str(len(erased.experiment.levers) - 1)].sources[args.main]
         row["erased_rank"] = int(source.rank)
         kinds: tuple[str, ...] = ("final", "erased")
-        if args.retrain:  # the main classifier retrained on the erased features, and (the control) on the final ones
+        if args.retrain:  # the erased copy's main classifier retrained, then (the control) the final model's
             start = time.perf_counter()
-            retrained = fit_erasure(
-                model,
-                train,
-                mode=args.mode,
-                pairs=[list(p) for p in pairs],
-                retrain_epochs=args.retrain,
-                retrain_lr=args.retrain_lr,
-            )
+            md.retrain_classifiers(erased, train, tasks=[args.main], epochs=args.retrain, lr=args.retrain_lr)
             row["retrain"] = {"epochs": args.retrain, "lr": args.retrain_lr, "seconds": time.perf_counter() - start}
-            row["retrained"] = score(retrained, data, args, pairs, False)
-            plain = md.retrain_classifiers(
-                md.load(run, "final"), train, tasks=[args.main], epochs=args.retrain, lr=args.retrain_lr
-            )
-            row["retrained_plain"] = score(plain, data, args, pairs, False)
+            row["retrained"] = score(erased, data, args, pairs, False)
+            md.retrain_classifiers(model, train, tasks=[args.main], epochs=args.retrain, lr=args.retrain_lr)
+            row["retrained_plain"] = score(model, data, args, pairs, False)
             kinds += ("retrained", "retrained_plain")
         rows.append(row)
         unseen = " -> ".join(f"{row[k]['unseen_accuracy']:.3f}" for k in kinds)
