@@ -64,6 +64,15 @@ class MLPHead(nn.Module):
         self.num_classes = num_classes
         self.penultimate_features = width
 
+    @staticmethod
+    def parameter_count(in_features: int, num_classes: int, spec: HeadSpec) -> int:
+        """Trainable parameters of ``MLPHead(in_features, num_classes, spec)``, without building it."""
+        count, width = 0, in_features
+        for h in spec.hidden:
+            count += width * h + (h if spec.bias or not spec.batchnorm else 0) + (2 * h if spec.batchnorm else 0)
+            width = h
+        return count + width * num_classes + num_classes
+
     def penultimate(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, H): the output of the last hidden block (the layer the paper plots)."""
         return self.body(z)

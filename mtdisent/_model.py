@@ -12,6 +12,7 @@ from torch import nn
 from ._errors import ComponentError, MtdisentError, SpecError, did_you_mean
 from ._heads import HeadGroup, MLPHead
 from ._levers import Lever
+from ._memory import require_memory
 from ._registry import backbones, levers
 from ._spec import AdversaryPair, Component, Experiment
 from ._torch import eval_mode
@@ -174,6 +175,29 @@ def _feature_size(
     return int(out.shape[1]), [int(s.shape[1]) for s in capture.pooled()[""]]
 
 
+def _networks(
+    pairs: list[AdversaryPair], classes: list[int], layout: str
+) -> tuple[list[AdversaryHead], list[tuple[int, int, int]], dict[str, int]]:
+    """The adversary networks of ``layout``, each pair's ``(network, first logit, classes)`` and each network's outputs.
+
+    ``"pair"``: one network per pair; ``"source"``: one per source task (and member) predicting all its targets.
+    """
+    heads: list[AdversaryHead] = []
+    slots: list[tuple[int, int, int]] = []
+    outputs: dict[str, int] = {}
+    for p, k in zip(pairs, classes, strict=True):
+        if layout == "pair":
+            name = p.key
+        else:
+            name = f"{p.source}->*" if p.member == 0 else f"{p.source}->*#{p.member}"
+        if name not in outputs:
+            outputs[name] = 0
+            heads.append(AdversaryHead(name, p.source, p.member))
+        slots.append(([h.name for h in heads].index(name), outputs[name], k))
+        outputs[name] += k
+    return heads, slots, outputs
+
+
 class MultiTaskModel(nn.Module):
     """Per-task encoders and classifiers plus one adversary per enabled ordered pair.
 
@@ -231,25 +255,13 @@ class MultiTaskModel(nn.Module):
         extra = {t.name: t.n_classes if self.conditional else 0 for t in experiment.tasks}  # one-hot own label
         self.pair_classes = [experiment.task(p.target).n_classes for p in self.pairs]
         # the adversary networks and, per pair, (network, first logit, classes): where its logits are
-        self.adversary_heads: list[AdversaryHead] = []
-        slots: list[tuple[int, int, int]] = []
-        outputs: dict[str, int] = {}
-        for p, k in zip(self.pairs, self.pair_classes, strict=True):
-            if experiment.adversary.layout == "pair":
-                name = p.key
-            else:  # one network per source (and member) predicting every target of that source
-                name = f"{p.source}->*" if p.member == 0 else f"{p.source}->*#{p.member}"
-            if name not in outputs:
-                outputs[name] = 0
-                self.adversary_heads.append(AdversaryHead(name, p.source, p.member))
-            slots.append(([h.name for h in self.adversary_heads].index(name), outputs[name], k))
-            outputs[name] += k
-        adv_head = experiment.adversary.head
-        adversaries = {
-            h.name: MLPHead(self.adversary_input_size(h.source) + extra[h.source], outputs[h.name], adv_head)
-            for h in self.adversary_heads
-        }
+        layout, adv_head = experiment.adversary.layout, experiment.adversary.head
+        self.adversary_heads, slots, outputs = _networks(self.pairs, self.pair_classes, layout)
+        inputs = {h.name: self.adversary_input_size(h.source) + extra[h.source] for h in self.adversary_heads}
         stacked = experiment.execution.heads in {"auto", "stacked"}
+        if experiment.execution.memory_check and self.pairs:
+            self._check_adversary_memory(inputs, outputs, extra, stacked)
+        adversaries = {h.name: MLPHead(inputs[h.name], outputs[h.name], adv_head) for h in self.adversary_heads}
         self.classifiers = HeadGroup(classifiers, {t: experiment.head_for(t) for t in classifiers}, stacked)
         self.levers: list[Lever] = [
             levers.create(c.name, c.args, what=f"levers[{k}] {c.name!r}") for k, c in enumerate(experiment.levers)
@@ -272,6 +284,36 @@ class MultiTaskModel(nn.Module):
             self.register_buffer("_pair_cols", cols, persistent=False)
             pad = torch.arange(k_max)[None, :] >= torch.tensor(self.pair_classes)[:, None]
             self.register_buffer("_pair_pad", pad, persistent=False)  # (P, K_max)
+
+    def _check_adversary_memory(
+        self, inputs: dict[str, int], outputs: dict[str, int], extra: dict[str, int], stacked: bool
+    ) -> None:
+        """A one-line error, before anything is allocated, when the adversaries' weights cannot fit in host memory.
+
+        Building stacked adversaries holds two copies of their weights for a moment (the heads, then the stack).
+        """
+        adv = self.experiment.adversary
+        count = sum(MLPHead.parameter_count(inputs[n], k, adv.head) for n, k in outputs.items())
+        itemsize = torch.finfo(torch.get_default_dtype()).bits // 8
+        advice = []
+        if adv.layout == "pair":
+            heads, _, alt = _networks(self.pairs, self.pair_classes, "source")
+            n = sum(
+                MLPHead.parameter_count(self.adversary_input_size(h.source) + extra[h.source], alt[h.name], adv.head)
+                for h in heads
+            )
+            advice.append(f"adversary.layout='source' (one network per source task) has {n / 1e6:,.0f} M")
+        advice.append("fewer adversary.ensemble members or a narrower adversary.head.hidden shrink it in proportion")
+        advice.append("so does a backbone with fewer output features (pooled)")
+        require_memory(
+            itemsize * count * (2 if stacked else 1),
+            torch.device("cpu"),
+            f"adversary: {len(outputs)} adversary networks (layout {adv.layout!r}, ensemble {adv.ensemble}, "
+            f"head.hidden {adv.head.hidden}, reading up to {max(inputs.values()):,} features) hold "
+            f"{count / 1e6:,.0f} M parameters; building them"
+            + (" (two copies of their weights while they are stacked)" if stacked else ""),
+            "; ".join(advice),
+        )
 
     # -- access --------------------------------------------------------------------------------------
     def adversary(self, source: str, target: str, member: int = 0) -> nn.Module:

@@ -449,10 +449,14 @@ class ExecutionSpec(SpecModel):
             updates through the (B, B) Gram matrix of the inputs, exact for SGD with momentum (four large
             products per iteration instead of 2k; ``mtdisent/_engine/_gram.py``); ``"plain"``: k ordinary
             steps; ``"auto"``: ``gram`` wherever it is exact.
+        memory_check: Before building the adversaries and before training, compare the bytes their weights
+            and the optimisers' state need (a floor: activations are not counted) with the device's free memory,
+            and stop with an error naming the settings to change rather than be killed for lack of memory.
     """
 
     heads: Literal["auto", "stacked", "separate"] = "auto"
     adversary_steps: Literal["auto", "gram", "plain"] = "auto"
+    memory_check: bool = True
 
 
 class TrainingSpec(SpecModel):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .._errors import SpecError
+from .._memory import optimizer_states, require_memory
 from .._model import MultiTaskModel, map_features
 from .._spec import Experiment, OptimizerSpec
 from ._distributed import DistInfo
@@ -99,6 +100,27 @@ class Setup:
     adversaries_plain: nn.Module
 
 
+def _check_training_memory(model: MultiTaskModel, experiment: Experiment, device: torch.device) -> None:
+    """A one-line error before training when the weights (off the host) and the optimisers' state cannot fit."""
+    tr = experiment.training
+    main = sum(p.numel() for p in model.main_parameters())
+    adv = sum(p.numel() for p in model.adversary_parameters())
+    states = main * optimizer_states(tr.optimizer) + adv * optimizer_states(tr.adversary_optimizer)
+    moved = device.type != "cpu"  # on the CPU the weights are already in memory
+    itemsize = torch.finfo(torch.get_default_dtype()).bits // 8
+    require_memory(
+        itemsize * (states + (main + adv if moved else 0)),
+        device,
+        f"training: {'the weights and ' if moved else ''}the optimisers' state of the model's "
+        f"{(main + adv) / 1e6:,.0f} M parameters ({adv / 1e6:,.0f} M in the adversaries; training.optimizer "
+        f"{tr.optimizer.name!r} keeps "
+        f"{optimizer_states(tr.optimizer)} tensor(s) per parameter, training.adversary_optimizer "
+        f"{tr.adversary_optimizer.name!r} {optimizer_states(tr.adversary_optimizer)})",
+        "make the adversaries smaller (adversary.layout='source', adversary.ensemble, adversary.head.hidden) "
+        "or use SGD without momentum for them (training.adversary_optimizer)",
+    )
+
+
 def prepare(
     model: MultiTaskModel, experiment: Experiment, device: torch.device, dist: DistInfo
 ) -> tuple[MultiTaskModel, Setup]:
@@ -115,6 +137,8 @@ def prepare(
                 "BatchNorm uses its own slice of the batch (set sync_batchnorm=false)"
             )
         model = cast(MultiTaskModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))
+    if experiment.execution.memory_check:
+        _check_training_memory(model, experiment, device)
     model.to(device)
     amp = tr.amp == "bf16" or (tr.amp == "auto" and device.type == "cuda")
     autocast: Callable[[], Any] = (

@@ -1,0 +1,105 @@
+"""Memory checks before building and training: a clear error instead of a process killed for lack of memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ToyDataset, toy_experiment
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mtdisent as md
+from mtdisent import _memory
+from mtdisent._heads import MLPHead
+from mtdisent._spec import HeadSpec, OptimizerSpec
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    d=st.integers(1, 40),
+    k=st.integers(1, 7),
+    hidden=st.lists(st.integers(1, 12), max_size=3),
+    batchnorm=st.booleans(),
+    bias=st.booleans(),
+    dropout=st.sampled_from([0.0, 0.3]),
+)
+def test_parameter_count_is_that_of_the_built_head(d, k, hidden, batchnorm, bias, dropout):
+    spec = HeadSpec(hidden=hidden, batchnorm=batchnorm, bias=bias, dropout=dropout)
+    built = sum(p.numel() for p in MLPHead(d, k, spec).parameters())
+    assert MLPHead.parameter_count(d, k, spec) == built
+
+
+def adversary_bytes(e):
+    """Bytes of the adversaries' float32 weights in the model ``e`` builds (checks off)."""
+    off = e.model_copy(update={"execution": e.execution.model_copy(update={"memory_check": False})})
+    return 4 * sum(p.numel() for p in md.build_model(off).adversary_parameters())
+
+
+@pytest.mark.parametrize("layout", ["pair", "source"])
+def test_building_adversaries_larger_than_free_memory_is_refused_in_one_line(monkeypatch, layout):
+    e = toy_experiment(adversary={"layout": layout, "ensemble": 2, "conditional": True})
+    need = adversary_bytes(e) * 2  # stacked: the heads and their stack
+    calls = []
+    monkeypatch.setattr(_memory, "free_bytes", lambda device: calls.append(device) or need - 1)
+    with pytest.raises(md.SpecError) as info:
+        md.build_model(e)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("adversary: ") and calls == [torch.device("cpu")]
+    assert f"layout {layout!r}, ensemble 2" in msg and "execution.memory_check=false" in msg
+    assert ("adversary.layout='source'" in msg) == (layout == "pair")  # the linear layout offered where it helps
+    monkeypatch.setattr(_memory, "free_bytes", lambda device: need)  # exactly enough: built
+    assert md.build_model(e).adversary_parameters()
+
+
+def test_separate_heads_need_one_copy_and_the_check_can_be_turned_off(monkeypatch):
+    e = toy_experiment(execution={"heads": "separate"})
+    need = adversary_bytes(e)
+    monkeypatch.setattr(_memory, "free_bytes", lambda device: need)
+    md.build_model(e)
+    monkeypatch.setattr(_memory, "free_bytes", lambda device: need - 1)
+    with pytest.raises(md.SpecError, match="building them needs at least"):
+        md.build_model(e)
+    md.build_model(toy_experiment(execution={"heads": "separate", "memory_check": False}))
+
+
+def test_training_whose_optimiser_state_cannot_fit_stops_before_the_first_step(monkeypatch, tmp_path):
+    e = toy_experiment()  # Adam (2 states) for the main parameters, SGD with momentum (1) for the adversaries
+    model = md.build_model(e)
+    main = sum(p.numel() for p in model.main_parameters())
+    adv = sum(p.numel() for p in model.adversary_parameters())
+    state = 4 * (2 * main + adv)
+    free = iter([10**12, state - 1])  # building fits; the optimisers' state does not
+    monkeypatch.setattr(_memory, "free_bytes", lambda device: next(free))
+    with pytest.raises(md.SpecError) as info:
+        md.train(e, data=ToyDataset(), out_dir=tmp_path / "run", quiet=True)
+    msg = str(info.value)
+    assert msg.startswith("training: the optimisers' state") and "\n" not in msg
+    assert "training.optimizer 'adam' keeps 2" in msg and "training.adversary_optimizer 'sgd' 1" in msg
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing trained, nothing written as if it had
+    free = iter([10**12, state])
+    assert md.train(e, data=ToyDataset(), quiet=True).model is not None
+
+
+def test_optimizer_states():
+    assert _memory.optimizer_states(OptimizerSpec(name="adam")) == 2
+    assert _memory.optimizer_states(OptimizerSpec(name="adamw")) == 2
+    assert _memory.optimizer_states(OptimizerSpec(name="sgd", momentum=0.9)) == 1
+    assert _memory.optimizer_states(OptimizerSpec(name="sgd", momentum=0.0)) == 0
+
+
+def test_host_free_memory_is_capped_by_a_cgroup_limit(monkeypatch, tmp_path):
+    meminfo = _memory._host_free_bytes()
+    if meminfo is None:
+        pytest.skip("no /proc/meminfo and no cgroup files on this platform")
+    assert meminfo > 0
+    limit, usage = tmp_path / "limit", tmp_path / "usage"
+    limit.write_text("1000000\n")
+    usage.write_text("400000\n")
+    monkeypatch.setattr(_memory, "_CGROUP_FILES", ((str(limit), str(usage)),))
+    assert _memory._host_free_bytes() == min(meminfo, 600000)
+    limit.write_text("max\n")  # cgroup v2: no limit
+    unlimited = _memory._host_free_bytes()
+    assert unlimited is not None and unlimited > 600000  # MemAvailable again, not capped
+    usage.write_text("2000000\n")  # over a (v1) limit: nothing free
+    limit.write_text("1000000\n")
+    assert _memory._host_free_bytes() == 0
