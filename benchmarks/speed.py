@@ -47,6 +47,7 @@ import torch
 from disentangle import METHODS  # the study's definitions of the variants timed here (same folder)
 
 import mtdisent as md
+from mtdisent._heads import MLPHead
 from mtdisent.engine import Loop, build_loop
 
 RESULTS = Path(__file__).parent / "results"
@@ -236,17 +237,8 @@ def default(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def head_parameters(d_in: int, hidden: list[int], k: int, batchnorm: bool = True) -> int:
-    """Parameters of one MLP head (no bias before BatchNorm), as mtdisent builds it."""
-    total, width = 0, d_in
-    for h in hidden:
-        total += width * h + (2 * h if batchnorm else h)
-        width = h
-    return total + width * k + k
-
-
 def layout(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Adversary parameters at 224 x 288 (D = 64,512), counted from the built heads' formula, per layout."""
+    """Adversary parameters at 224 x 288 (D = 64,512), counted by ``MLPHead.parameter_count``, per layout."""
     d = md.build_model(md.Experiment.model_validate(spec(2, (224, 288)))).feature_sizes["t0"]
     rows = []
     for n in (2, 4, 8):
@@ -255,14 +247,14 @@ def layout(args: argparse.Namespace) -> list[dict[str, Any]]:
             a = md.AdversarySpec(**adversary)
             extra = 2 if a.conditional else 0
             m = a.ensemble
-            row[f"{name}_pair"] = n * (n - 1) * m * head_parameters(d + extra, a.head.hidden, 2)
-            row[f"{name}_source"] = n * m * head_parameters(d + extra, a.head.hidden, 2 * (n - 1))
+            row[f"{name}_pair"] = n * (n - 1) * m * MLPHead.parameter_count(d + extra, 2, a.head)
+            row[f"{name}_source"] = n * m * MLPHead.parameter_count(d + extra, 2 * (n - 1), a.head)
         rows.append(row)
     # the formula is the model's: check it on a model small enough to build
     e = md.Experiment.model_validate(spec(3, (64, 64), adversary={"layout": "source"}))
     built = sum(p.numel() for p in md.build_model(e).adversary_parameters())
-    dd, hidden = md.build_model(e).feature_sizes["t0"] + 2, e.adversary.head.hidden
-    assert built == 3 * e.adversary.ensemble * head_parameters(dd, hidden, 4), "the parameter formula is wrong"
+    dd = md.build_model(e).feature_sizes["t0"] + 2
+    assert built == 3 * e.adversary.ensemble * MLPHead.parameter_count(dd, 4, e.adversary.head), "the formula is wrong"
     return rows
 
 
