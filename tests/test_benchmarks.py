@@ -108,13 +108,19 @@ def test_rescore_erasure_scores_the_final_model_and_its_erased_copy(tmp_path):
     out = tmp_path / "erased.json"
     run_dir = tmp_path / "runs" / "quick" / "shapes" / "default" / "seed_0"
     args = ["--unseen", "unseen", "--main", "shape", "--threads", "1", "--no-before", "--out", str(out), str(run_dir)]
-    proc = run("rescore_erasure.py", *args, cwd=tmp_path)
+    proc = run("rescore_erasure.py", *args, "--retrain", "2", cwd=tmp_path)
     (row,) = json.loads(out.read_text())["rows"]
     assert "linear_conditional_leakage" not in row["final"]  # --no-before: the study has those
     assert set(row["erased"]["mlp_conditional_leakage"]) == {"shape->background"}
     assert row["erased_rank"] >= 1 and row["mode"] == "conditional" and "conditional linear leakage" in proc.stdout
     study = json.loads((tmp_path / "results.json").read_text())["rows"][0]
     assert study["test_accuracy"] == row["final"]["test_accuracy"]  # the study scored the same final model
+    # --retrain: the erased copy and the final model, each with the main head retrained; only that head's scores move
+    assert row["retrain"]["epochs"] == 2 and row["retrain"]["seconds"] > 0
+    for kind, base in (("retrained", "erased"), ("retrained_plain", "final")):
+        assert row[kind]["test_accuracy"]["background"] == row[base]["test_accuracy"]["background"], kind
+        assert "mlp_conditional_leakage" not in row[kind]  # the same features as its base: no probes of its own
+    assert row["retrained_plain"]["test_accuracy"]["shape"] != row["final"]["test_accuracy"]["shape"]
 
 
 def test_disentangle_methods_resolve_the_workloads_nuisance():
