@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,8 @@ from mtdisent._heads import MLPHead
 from mtdisent.engine import Loop, build_loop
 
 RESULTS = Path(__file__).parent / "results"
+# environment variables that slow CUDA down by design (debugging), recorded with every result
+CUDA_SWITCHES = ("CUDA_LAUNCH_BLOCKING", "PYTORCH_NO_CUDA_MEMORY_CACHING", "PYTORCH_CUDA_ALLOC_CONF")
 SECTIONS = ("gates", "ratio", "default", "layout", "memory", "main", "loader")
 # the study's `paper` method (one plain adversary per pair), its width pinned at the paper's 256
 PAPER_ADVERSARY = {**METHODS["paper"][1]["adversary"], "head": {"hidden": [256]}}
@@ -271,11 +274,15 @@ loop = build_loop(md.Experiment.model_validate(spec), data)
 params = sum(p.numel() for p in loop.model.adversary_parameters())
 cuda = spec["training"]["device"] == "cuda"
 sync = torch.cuda.synchronize if cuda else (lambda: None)
-times = []
+times, used = [], 0.0
 for i in range(iterations):
     sync(); t0 = time.perf_counter(); loop.step.update(i); sync(); times.append(time.perf_counter() - t0)
+    if cuda:  # the device's memory in use after each iteration: what is left when the allocator keeps no statistics
+        free, total = torch.cuda.mem_get_info()
+        used = max(used, (total - free) / 2**20)
 peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"peak_mib": peak, "s_per_iteration": min(times[1:] or times), "adversary_parameters": params}))
+row = {"peak_mib": peak, "s_per_iteration": min(times[1:] or times), "adversary_parameters": params}
+print(json.dumps({**row, "device_used_mib": used} if cuda else row))
 """
 
 
@@ -379,7 +386,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Machine: "
         + ", ".join(f"{k} {v}" for k, v in info.items())
-        + f". Other jobs on the machine: {result['shared']}.",
+        + f". Other jobs on the machine: {result['shared']}. Environment switches: "
+        + (", ".join(f"{k}={v}" for k, v in result.get("environment", {}).items()) or "none")
+        + ".",
         "",
     ]
     if "gates" in result:
@@ -416,6 +425,10 @@ def markdown(result: dict[str, Any]) -> str:
                 f"<= {targets.get(r['tasks'], '-')} | {f['main_s']:.3f} / {f['adversary_s']:.3f} | "
                 f"{nv['main_s']:.3f} / {nv['adversary_s']:.3f} | {50 / f['iteration_s']:.0f} |"
             )
+        rows = {r["tasks"]: r["fast"]["iteration_s"] for r in result["ratio"]}
+        if len(rows) > 1:
+            lo, hi = min(rows), max(rows)
+            lines += ["", f"Fast path t(N = {hi}) / t(N = {lo}): **{rows[hi] / rows[lo]:.2f}** (target <= 2.5 on GPU)."]
         if "bf16_matmul_tflops" in result:
             lines += ["", f"Measured bf16 matmul rate of the device: {result['bf16_matmul_tflops']:.0f} TFLOP/s."]
         lines.append("")
@@ -463,8 +476,10 @@ def markdown(result: dict[str, Any]) -> str:
             if "error" in r:
                 lines.append(f"| {r['tasks']} | failed: {r['error']} | | |")
             else:
+                used = r.get("device_used_mib")
+                used = f" (device in use after an iteration: {used:.0f})" if used is not None else ""
                 lines.append(
-                    f"| {r['tasks']} | {r['peak_mib']:.0f} | {r['s_per_iteration']:.2f} "
+                    f"| {r['tasks']} | {r['peak_mib']:.0f}{used} | {r['s_per_iteration']:.2f} "
                     f"| {r['adversary_parameters'] / 1e6:.1f} M |"
                 )
         lines.append("")
@@ -518,6 +533,7 @@ def main() -> None:
         args.memory_size, args.memory_tasks, args.memory_iterations = (32, 32), [2], 2
         args.workers, args.loader_images = [0, 1], 60
     result: dict[str, Any] = {"machine": md.machine_info(), "shared": args.shared, "quick": args.quick, **RUN_ON}
+    result["environment"] = {k: os.environ[k] for k in CUDA_SWITCHES if k in os.environ}
     if args.gpu:
         result["bf16_matmul_tflops"] = matmul_rate()
         print(f"bf16 matmul: {result['bf16_matmul_tflops']:.0f} TFLOP/s", flush=True)
@@ -530,16 +546,17 @@ def main() -> None:
         "main": main_step,
         "loader": loader,
     }
-    for name in SECTIONS:
-        if name in args.only:
-            t0 = time.perf_counter()
-            result[name] = sections[name](args)
-            result.setdefault("seconds", {})[name] = time.perf_counter() - t0
     result.update(memory_size=list(args.memory_size), size=list(args.size), gate_steps=args.gate_steps)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("speed" + ("_gpu" if args.gpu else "") + ("_quick" if args.quick else ""))
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(markdown(result))
+    for name in dict.fromkeys(args.only):  # in the order given: a time-limited run measures the first ones first
+        if name in sections:
+            t0 = time.perf_counter()
+            result[name] = sections[name](args)
+            result.setdefault("seconds", {})[name] = time.perf_counter() - t0
+            # after every section, so that a run stopped by a time limit (benchmarks/gpu.sh) keeps what it measured
+            stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+            stem.with_suffix(".md").write_text(markdown(result))
     print(f"wrote {stem}.json and {stem}.md")
 
 
