@@ -2,9 +2,10 @@
 
 Without them an experiment too large for its machine (the default adversaries of eight tasks at the paper's
 resolution on a 24 GiB host, say) is killed by the operating system, or fails deep inside PyTorch, minutes in and
-without a word on what to change. The checks count only what is certain (weights and the optimisers' state; not
-activations, gradients or the allocator's slack), so they refuse nothing that could fit; what they let through may
-still not fit. ``execution.memory_check=false`` turns them off.
+without a word on what to change. The checks count only what is certain to be allocated (weights, the optimisers'
+state, the adversaries' gradients where the Gram shortcut does not replace them, a batch of the stacked adversary
+inputs; not other activations or the allocator's slack), so they refuse nothing that could fit; what they let
+through may still not fit. ``execution.memory_check=false`` turns them off.
 """
 
 from __future__ import annotations

@@ -252,15 +252,15 @@ class MultiTaskModel(nn.Module):
                 self._scale_paths[task.name], self.scale_sizes[task.name] = paths, sizes[key][1]
             classifiers[task.name] = MLPHead(sizes[key][0], task.n_classes, experiment.head_for(task.name))
         self.conditional = experiment.adversary.conditional
-        extra = {t.name: t.n_classes if self.conditional else 0 for t in experiment.tasks}  # one-hot own label
         self.pair_classes = [experiment.task(p.target).n_classes for p in self.pairs]
         # the adversary networks and, per pair, (network, first logit, classes): where its logits are
         layout, adv_head = experiment.adversary.layout, experiment.adversary.head
         self.adversary_heads, slots, outputs = _networks(self.pairs, self.pair_classes, layout)
-        inputs = {h.name: self.adversary_input_size(h.source) + extra[h.source] for h in self.adversary_heads}
+        widths = self.adversary_widths()
+        inputs = {h.name: widths[h.source] for h in self.adversary_heads}
         stacked = experiment.execution.heads in {"auto", "stacked"}
         if experiment.execution.memory_check and self.pairs:
-            self._check_adversary_memory(inputs, outputs, extra, stacked)
+            self._check_adversary_memory(inputs, outputs, widths, stacked)
         adversaries = {h.name: MLPHead(inputs[h.name], outputs[h.name], adv_head) for h in self.adversary_heads}
         self.classifiers = HeadGroup(classifiers, {t: experiment.head_for(t) for t in classifiers}, stacked)
         self.levers: list[Lever] = [
@@ -286,7 +286,7 @@ class MultiTaskModel(nn.Module):
             self.register_buffer("_pair_pad", pad, persistent=False)  # (P, K_max)
 
     def _check_adversary_memory(
-        self, inputs: dict[str, int], outputs: dict[str, int], extra: dict[str, int], stacked: bool
+        self, inputs: dict[str, int], outputs: dict[str, int], widths: dict[str, int], stacked: bool
     ) -> None:
         """A one-line error, before anything is allocated, when the adversaries' weights cannot fit in host memory.
 
@@ -298,10 +298,7 @@ class MultiTaskModel(nn.Module):
         advice = []
         if adv.layout == "pair":
             heads, _, alt = _networks(self.pairs, self.pair_classes, "source")
-            n = sum(
-                MLPHead.parameter_count(self.adversary_input_size(h.source) + extra[h.source], alt[h.name], adv.head)
-                for h in heads
-            )
+            n = sum(MLPHead.parameter_count(widths[h.source], alt[h.name], adv.head) for h in heads)
             advice.append(f"adversary.layout='source' (one network per source task) has {n / 1e6:,.0f} M")
         advice.append("fewer adversary.ensemble members or a narrower adversary.head.hidden shrink it in proportion")
         advice.append("so does a backbone with fewer output features (pooled)")
@@ -329,6 +326,16 @@ class MultiTaskModel(nn.Module):
     def adversary_input_size(self, source: str) -> int:
         """Features an adversary of ``source`` reads before any one-hot label: D, plus the scale widths with "all"."""
         return self.feature_sizes[source] + sum(self.scale_sizes.get(source, []))
+
+    def adversary_widths(self) -> dict[str, int]:
+        """``{source task: input width of its adversaries}``.
+
+        :meth:`adversary_input_size`, plus the one-hot of the source's own label for conditional adversaries.
+        """
+        return {
+            t.name: self.adversary_input_size(t.name) + (t.n_classes if self.conditional else 0)
+            for t in self.experiment.tasks
+        }
 
     def main_parameters(self) -> list[nn.Parameter]:
         """Parameters of the encoders, the levers' modules and the classifiers (what the main step optimises)."""

@@ -62,21 +62,27 @@ def test_separate_heads_need_one_copy_and_the_check_can_be_turned_off(monkeypatc
     md.build_model(toy_experiment(execution={"heads": "separate", "memory_check": False}))
 
 
-def test_training_whose_optimiser_state_cannot_fit_stops_before_the_first_step(monkeypatch, tmp_path):
-    e = toy_experiment()  # Adam (2 states) for the main parameters, SGD with momentum (1) for the adversaries
+@pytest.mark.parametrize("features", ["fresh", "reuse"])
+def test_training_that_cannot_fit_stops_before_the_first_step(monkeypatch, tmp_path, features):
+    # Adam (2 states) for the main parameters, SGD with momentum (1) for the adversaries; with reused features the
+    # Gram shortcut moves the adversaries without gradients, with fresh ones they get gradients
+    e = toy_experiment(adversary={"features": features})
     model = md.build_model(e)
     main = sum(p.numel() for p in model.main_parameters())
     adv = sum(p.numel() for p in model.adversary_parameters())
-    state = 4 * (2 * main + adv)
-    free = iter([10**12, state - 1])  # building fits; the optimisers' state does not
+    assert set(model.adversary_widths().values()) == {8 + 2, 8 + 3}  # tasks a (2 classes) and b (3)
+    inputs = 20 * sum(model.adversary_widths()[h.source] for h in model.adversary_heads)  # (G, B, D + K): a batch
+    need = 4 * (2 * main + adv + (adv if features == "fresh" else 0) + inputs)
+    free = iter([10**12, need - 1])  # building fits; training does not
     monkeypatch.setattr(_memory, "free_bytes", lambda device: next(free))
     with pytest.raises(md.SpecError) as info:
         md.train(e, data=ToyDataset(), out_dir=tmp_path / "run", quiet=True)
     msg = str(info.value)
     assert msg.startswith("training: the optimisers' state") and "\n" not in msg
     assert "training.optimizer 'adam' keeps 2" in msg and "training.adversary_optimizer 'sgd' 1" in msg
+    assert ("the adversaries' gradients" in msg) == (features == "fresh") and "stacked inputs" in msg
     assert not list(tmp_path.rglob("*.safetensors"))  # nothing trained, nothing written as if it had
-    free = iter([10**12, state])
+    free = iter([10**12, need])  # exactly enough
     assert md.train(e, data=ToyDataset(), quiet=True).model is not None
 
 

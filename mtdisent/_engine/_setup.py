@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._errors import SpecError
-from .._memory import optimizer_states, require_memory
+from .._memory import gib, optimizer_states, require_memory
 from .._model import MultiTaskModel, map_features
 from .._spec import Experiment, OptimizerSpec
 from ._distributed import DistInfo
@@ -100,22 +100,34 @@ class Setup:
     adversaries_plain: nn.Module
 
 
-def _check_training_memory(model: MultiTaskModel, experiment: Experiment, device: torch.device) -> None:
-    """A one-line error before training when the weights (off the host) and the optimisers' state cannot fit."""
-    tr = experiment.training
+def _check_training_memory(model: MultiTaskModel, experiment: Experiment, device: torch.device, world: int) -> None:
+    """A one-line error before training when what it is certain to allocate cannot fit.
+
+    Counted: the weights when they move off the host, the optimisers' state, the adversaries' gradients where the
+    Gram shortcut does not replace them, and one copy of a batch's stacked adversary inputs, (G, B, D) (stacked
+    heads). Not counted: activations, other gradients, the allocator's slack.
+    """
+    tr, adv_spec, execution = experiment.training, experiment.adversary, experiment.execution
     main = sum(p.numel() for p in model.main_parameters())
     adv = sum(p.numel() for p in model.adversary_parameters())
     states = main * optimizer_states(tr.optimizer) + adv * optimizer_states(tr.adversary_optimizer)
     moved = device.type != "cpu"  # on the CPU the weights are already in memory
+    stacked = model.adversaries.stacked and bool(model.pairs)
+    gram = stacked and adv_spec.features == "reuse" and execution.adversary_steps != "plain"
+    gram = gram and tr.adversary_optimizer.name == "sgd"
+    grads = 0 if gram else adv  # the Gram shortcut moves the large first layers without gradients
+    widths = model.adversary_widths()
+    batch = sum(widths[h.source] for h in model.adversary_heads) * (tr.batch_size // world) if stacked else 0
     itemsize = torch.finfo(torch.get_default_dtype()).bits // 8
     require_memory(
-        itemsize * (states + (main + adv if moved else 0)),
+        itemsize * (states + grads + batch + (main + adv if moved else 0)),
         device,
-        f"training: {'the weights and ' if moved else ''}the optimisers' state of the model's "
+        f"training: {'the weights, ' if moved else ''}the optimisers' state of the model's "
         f"{(main + adv) / 1e6:,.0f} M parameters ({adv / 1e6:,.0f} M in the adversaries; training.optimizer "
-        f"{tr.optimizer.name!r} keeps "
-        f"{optimizer_states(tr.optimizer)} tensor(s) per parameter, training.adversary_optimizer "
-        f"{tr.adversary_optimizer.name!r} {optimizer_states(tr.adversary_optimizer)})",
+        f"{tr.optimizer.name!r} keeps {optimizer_states(tr.optimizer)} tensor(s) per parameter, "
+        f"training.adversary_optimizer {tr.adversary_optimizer.name!r} {optimizer_states(tr.adversary_optimizer)})"
+        + (", the adversaries' gradients" if grads else "")
+        + (f" and a batch of their stacked inputs ({gib(itemsize * batch)})" if batch else ""),
         "make the adversaries smaller (adversary.layout='source', adversary.ensemble, adversary.head.hidden) "
         "or use SGD without momentum for them (training.adversary_optimizer)",
     )
@@ -138,7 +150,7 @@ def prepare(
             )
         model = cast(MultiTaskModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))
     if experiment.execution.memory_check:
-        _check_training_memory(model, experiment, device)
+        _check_training_memory(model, experiment, device, dist.world)
     model.to(device)
     amp = tr.amp == "bf16" or (tr.amp == "auto" and device.type == "cuda")
     autocast: Callable[[], Any] = (
