@@ -10,6 +10,7 @@ through may still not fit. ``execution.memory_check=false`` turns them off.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -55,12 +56,16 @@ def free_bytes(device: torch.device) -> int | None:
     """Bytes this process can still allocate on ``device``; ``None`` where that cannot be known (no check then).
 
     CUDA: the device's free memory (``torch.cuda.mem_get_info``). CPU: the host's available memory
-    (``MemAvailable``), or less where a cgroup limits the process.
+    (``MemAvailable``), or less where a cgroup limits the process, shared equally by the processes a launcher
+    started on this host (``LOCAL_WORLD_SIZE``).
     """
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     if device.type == "cpu":
-        return _host_free_bytes()
+        free = _host_free_bytes()
+        # processes a launcher started on this host (torchrun's LOCAL_WORLD_SIZE) build and train side by side
+        share = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        return free // int(share) if free is not None and share.isdigit() and int(share) > 0 else free
     return None
 
 

@@ -109,3 +109,13 @@ def test_host_free_memory_is_capped_by_a_cgroup_limit(monkeypatch, tmp_path):
     usage.write_text("2000000\n")  # over a (v1) limit: nothing free
     limit.write_text("1000000\n")
     assert _memory._host_free_bytes() == 0
+
+
+def test_processes_on_one_host_share_its_free_memory(monkeypatch):
+    monkeypatch.setattr(_memory, "_host_free_bytes", lambda: 12_000)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert _memory.free_bytes(torch.device("cpu")) == 12_000
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node=4
+    assert _memory.free_bytes(torch.device("cpu")) == 3_000
+    monkeypatch.setattr(_memory, "_host_free_bytes", lambda: None)
+    assert _memory.free_bytes(torch.device("cpu")) is None  # unknown: no check
