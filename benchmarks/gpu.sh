@@ -29,5 +29,5 @@ env | grep -E '^(CUDA_LAUNCH_BLOCKING|PYTORCH_NO_CUDA_MEMORY_CACHING|PYTORCH_CUD
 unset CUDA_LAUNCH_BLOCKING PYTORCH_NO_CUDA_MEMORY_CACHING
 # most wanted first (results are written after every section): the gates last, they took most of 450 s at
 # 224 x 288 on an H200 (2026-12-04) and passed there at N = 2 and 4
-timeout 450 python3 benchmarks/speed.py --gpu --threads 16 --only ratio memory default main gates --out "$out" \
+timeout 450 python3 benchmarks/speed.py --gpu --threads 16 --only profile ratio memory default main gates --out "$out" \
     2>&1 | tee "$out/speed_gpu.log"

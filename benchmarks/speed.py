@@ -24,7 +24,10 @@ Sections (``--only`` picks some):
 * ``main``: the main step's options at N = 4, 64 x 64: channels_last, ``torch.compile``, bf16 autocast, threads.
 * ``loader``: a disk dataset (``csv_images``, PNGs at 224 x 288): training-feed images per second with
   ``training.num_workers`` 0, 1, 2.
+* ``profile``: torch.profiler over 3 iterations of the fast path at the smallest N: the top operators by self
+  time and, on CUDA, device-busy time, kernel launches, synchronisations and cudaMalloc/cudaFree calls per iteration.
 
+Sections run in the order ``--only`` gives, and the results are written after each one.
 Results go to benchmarks/results/speed.{json,md} (``--gpu``: speed_gpu.{json,md}) with the machine description.
 With ``--gpu`` every section runs on CUDA at the paper's resolution with bf16 autocast, except the gates, which
 compare float32 paths.
@@ -54,7 +57,7 @@ from mtdisent.engine import Loop, build_loop
 RESULTS = Path(__file__).parent / "results"
 # environment variables that slow CUDA down by design (debugging), recorded with every result
 CUDA_SWITCHES = ("CUDA_LAUNCH_BLOCKING", "PYTORCH_NO_CUDA_MEMORY_CACHING", "PYTORCH_CUDA_ALLOC_CONF")
-SECTIONS = ("gates", "ratio", "default", "layout", "memory", "main", "loader")
+SECTIONS = ("gates", "ratio", "default", "layout", "memory", "main", "loader", "profile")
 # the study's `paper` method (one plain adversary per pair), its width pinned at the paper's 256
 PAPER_ADVERSARY = {**METHODS["paper"][1]["adversary"], "head": {"hidden": [256]}}
 RUN_ON = {"device": "cpu", "amp": "off"}  # where every loop runs (main() sets it from --gpu)
@@ -336,6 +339,54 @@ def main_step(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def profile(args: argparse.Namespace) -> dict[str, Any]:
+    """Where one iteration's time goes: torch.profiler over 3 iterations of the fast path at the smallest N.
+
+    Kernel and operator counts and the top operators by self time (device time on CUDA), so that a device running
+    far below its arithmetic rate says whether launches, synchronisations or allocations bound it.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    n = min(args.tasks)
+    loop = loop_for(spec(n, args.size, adversary=PAPER_ADVERSARY), data_for(n, args.size))
+    for _ in range(2):
+        iterate(loop)
+    cuda = RUN_ON["device"] == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    synchronize()
+    t0 = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            iterate(loop)
+        synchronize()
+    wall = (time.perf_counter() - t0) / 3
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    top = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:15]
+    out: dict[str, Any] = {
+        "tasks": n,
+        "iteration_s": wall,
+        "operators_per_iteration": sum(e.count for e in events) / 3,
+        "top": [
+            {
+                "name": e.key,
+                "calls_per_iteration": e.count / 3,
+                "self_cpu_ms": e.self_cpu_time_total / 3e3,
+                **({"self_device_ms": getattr(e, "self_device_time_total", 0.0) / 3e3} if cuda else {}),
+            }
+            for e in top
+        ],
+    }
+    if cuda:
+        out["device_busy_s"] = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 3e6
+        out["synchronisations_per_iteration"] = sum(e.count for e in events if "Synchronize" in e.key) / 3
+        out["mallocs_per_iteration"] = sum(e.count for e in events if e.key in {"cudaMalloc", "cudaFree"}) / 3
+        out["launches_per_iteration"] = sum(e.count for e in events if "LaunchKernel" in e.key) / 3
+    print(f"profile N={n}: { ({k: v for k, v in out.items() if k != 'top'}) }", flush=True)
+    return out
+
+
 def loader(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
 
@@ -494,6 +545,29 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"| {k} | {v:.3f} |" for k, v in m["variants"].items()]
         lines += [f"| threads = {k} | {v:.3f} |" for k, v in m["threads"].items()]
         lines.append("")
+    if "profile" in result:
+        p = result["profile"]
+        busy = f", device busy {p['device_busy_s']:.3f} s" if "device_busy_s" in p else ""
+        extra = (
+            f", {p['launches_per_iteration']:.0f} kernel launches, {p['synchronisations_per_iteration']:.0f} "
+            f"synchronisations, {p['mallocs_per_iteration']:.0f} cudaMalloc/cudaFree"
+            if "mallocs_per_iteration" in p
+            else ""
+        )
+        lines += [
+            f"## Profile of the fast path (N = {p['tasks']}, {h} x {w}, {where}; per iteration)",
+            "",
+            f"{p['iteration_s']:.3f} s{busy}; {p['operators_per_iteration']:.0f} profiled events{extra}.",
+            "",
+            "| operator | calls | self CPU ms | self device ms |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {e['name']} | {e['calls_per_iteration']:.0f} | {e['self_cpu_ms']:.1f} | "
+            f"{e.get('self_device_ms', float('nan')):.1f} |"
+            for e in p["top"]
+        ]
+        lines.append("")
     if "loader" in result:
         lo = result["loader"]
         lines += [
@@ -544,6 +618,7 @@ def main() -> None:
         "layout": layout,
         "memory": memory,
         "main": main_step,
+        "profile": profile,
         "loader": loader,
     }
     result.update(memory_size=list(args.memory_size), size=list(args.size), gate_steps=args.gate_steps)

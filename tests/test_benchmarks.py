@@ -153,6 +153,7 @@ def test_speed_benchmark_quick_gates_and_reports(tmp_path):
         "--threads",
         "1",
         "--only",
+        "profile",
         "gates",
         "ratio",
         "default",
@@ -162,6 +163,11 @@ def test_speed_benchmark_quick_gates_and_reports(tmp_path):
         cwd=tmp_path,
     )
     result = json.loads((tmp_path / "speed_quick.json").read_text())
+    sections = ["profile", "gates", "ratio", "default", "layout"]
+    assert [k for k in result if k in sections] == sections  # run and written in the order given
+    prof = result["profile"]
+    assert prof["operators_per_iteration"] > 0 and len(prof["top"]) == 15
+    assert any("convolution" in e["name"] for e in prof["top"]) and all(e["self_cpu_ms"] >= 0 for e in prof["top"])
     assert set(result["gates"]) == {"N=2", "N=3", "N=3 default"}
     for gate in result["gates"].values():
         assert gate["gram_weights_median"] <= 1e-5 and gate["gram_weights"] <= 1e-3 and gate["naive_loss"] <= 2e-3
@@ -177,7 +183,7 @@ def test_speed_benchmark_quick_gates_and_reports(tmp_path):
     assert by_n[8]["paper_pair"] / by_n[8]["paper_source"] == pytest.approx(7, rel=1e-3)
     report = (tmp_path / "speed_quick.md").read_text()
     assert "Iteration time: fast / naive" in report and "Cheaper variants of the default" in report
-    assert "wrote" in proc.stdout
+    assert "Profile of the fast path" in report and "wrote" in proc.stdout
 
 
 @pytest.mark.slow
