@@ -245,3 +245,14 @@ def test_trajectory_average_is_the_mean_of_the_weights_with_batchnorm_reestimate
     stats = [k for k in avg if k.endswith("running_mean")]
     assert not model.training and all(not torch.equal(avg[k], b[k]) for k in stats)  # re-estimated, not kept
     assert first_bn.momentum is not None  # update_bn restores the layers' own momentum
+
+
+def test_fetal_oracle_trains_with_the_held_out_combination(tmp_path):
+    out = tmp_path / "oracle.json"
+    proc = run(
+        "fetal_oracle.py", "--quick", "--seeds", "0", "--extra", "40", "--threads", "1", "--out", str(out), cwd=tmp_path
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["seed"] == 0 and row["extra"] == 40  # LVOT-with-shadow images added to the training split
+    assert 0.0 <= row["unseen_accuracy"] <= 1.0 and 0.0 <= row["test_plane_accuracy"] <= 1.0
+    assert "fetal oracle seed=0" in proc.stdout
