@@ -50,7 +50,7 @@ def main() -> None:
     p = rescore_parser(__doc__, "the task whose features are erased and scored on the unseen split")
     p.add_argument("--nuisance", nargs="+", help="the tasks erased from the main task's features (default: the rest)")
     p.add_argument("--no-before", dest="before", action="store_false", help="skip the final model's probes")
-    p.add_argument("--mode", default="conditional", choices=["conditional", "marginal", "keep_own"])
+    p.add_argument("--mode", default="conditional", choices=["conditional", "marginal", "both", "keep_own"])
     p.add_argument("--probes", choices=["linear", "mlp"], default=["linear", "mlp"], nargs="*", help="probe kinds")
     p.add_argument("--retrain", type=int, default=0, metavar="EPOCHS", help="also score a retrained classifier")
     p.add_argument("--retrain-lr", type=float, help="its learning rate (default the run's training.optimizer.lr)")

@@ -115,6 +115,36 @@ def test_marginal_erasure_zeroes_the_cross_covariance_and_a_probe_reads_chance()
     assert probe_accuracy(probe, erase(lever, layer, zt), yjt) < majority_rate(yjt, 3) + 0.03
 
 
+def test_both_gives_the_conditional_and_the_marginal_guarantee_at_once():
+    d = 16
+    a, b = directions(d, 1)[:2], directions(d, 2)[:3]
+    z, yi, yj = cells_data(CORRELATED, a, b, n_scale=2, seed=0)
+    erased = {}
+    for mode in ("conditional", "marginal", "both"):
+        lever, layer = make(mode, d, momentum=None)
+        fit(lever, layer, z, yi, yj)
+        erased[mode] = (erase(lever, layer, z), int(layer.sources["i"].rank))
+    onehot = F.one_hot(yj, 3).float()
+
+    def cross(out):  # max |Cov(z', y_j)| over all samples
+        return ((out - out.mean(0)).t() @ (onehot - onehot.mean(0)) / len(out)).abs().max()
+
+    def within(out):  # max distance between j's means within a class of i
+        return max(
+            (out[(yi == c) & (yj == k)].mean(0) - out[(yi == c) & (yj == 0)].mean(0)).norm()
+            for c in range(2)
+            for k in (1, 2)
+        )
+
+    scale = (b[1] - b[0]).norm()
+    out, rank = erased["both"]
+    assert cross(out) < 1e-5 and within(out) < 1e-4 * scale  # both guarantees together
+    # each single mode gives only its own: the other quantity stays (the data is correlated)
+    assert within(erased["marginal"][0]) > 0.05 * scale and cross(erased["conditional"][0]) > 1e-3
+    # the span of both: K_i (K_j - 1) = 4 conditional directions plus what the marginal ones add (at most K_j - 1)
+    assert erased["conditional"][1] == 4 and 4 < rank <= 6
+
+
 CIRCLES_ON_WHITE = [[600, 0], [100, 500]]  # (shape, background): circles only ever on white
 
 
@@ -276,7 +306,7 @@ def test_pairs_default_to_the_enabled_adversary_pairs_and_can_be_chosen():
 @pytest.mark.parametrize(
     ("args", "names"),
     [
-        ({"mode": "leace"}, ["mode", "conditional", "marginal", "keep_own"]),
+        ({"mode": "leace"}, ["mode", "conditional", "marginal", "both", "keep_own"]),
         ({"momentum": 0.0}, ["momentum", "(0, 1]", "None"]),
         ({"momentum": True}, ["momentum"]),
         ({"min_count": 0}, ["min_count", ">= 1"]),
@@ -308,7 +338,7 @@ def test_pairs_naming_unknown_tasks_or_none_enabled_are_errors():
 
 
 # -- in the model ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["conditional", "marginal", "keep_own"])
+@pytest.mark.parametrize("mode", ["conditional", "marginal", "both", "keep_own"])
 def test_check_lever_trains_saves_and_loads(mode):
     run = check_lever("erasure", args={"mode": mode, "min_count": 2, "momentum": 0.1}, iterations=3)
     sources = run.model.lever_modules["0"].sources
