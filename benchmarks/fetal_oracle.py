@@ -20,26 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-from disentangle import experiment  # the study's definitions (same folder)
+from disentangle import experiment, scores  # the study's definitions and scoring (same folder)
 from torch.utils.data import ConcatDataset
 
 import mtdisent as md
 
 EXTRA_SEED = 1000  # data seed of the added images: seed + EXTRA_SEED, never the scored ones
-
-
-def accuracy(model: md.MultiTaskModel, split: torch.utils.data.Dataset, task: str) -> float:
-    """Accuracy of ``task`` over the labelled images of ``split`` (eval mode, batches of 256)."""
-    correct = total = 0
-    for start in range(0, len(split), 256):
-        items = [split[i] for i in range(start, min(start + 256, len(split)))]
-        x = torch.stack([im for im, _ in items])
-        y = torch.tensor([lab[task] for _, lab in items])
-        pred = model.predict(x)[task]
-        keep = y >= 0
-        correct += int((pred[keep] == y[keep]).sum())
-        total += int(keep.sum())
-    return correct / max(total, 1)
 
 
 def main() -> None:
@@ -65,12 +51,12 @@ def main() -> None:
         start = time.perf_counter()
         run = md.train(e.model_copy(update={"name": f"fetal oracle seed={seed}"}), data=splits, quiet=True)
         seconds = time.perf_counter() - start
-        model = run.model.eval()
+        scored = scores(run.model, data, "lvot_with_shadow", "plane", [])  # as the study scores its runs
         row = {
             "seed": seed,
             "extra": len(extra),
-            "unseen_accuracy": accuracy(model, data["lvot_with_shadow"], "plane"),
-            "test_plane_accuracy": accuracy(model, data["test"], "plane"),
+            "unseen_accuracy": scored["unseen_accuracy"],
+            "test_plane_accuracy": scored["test_accuracy"]["plane"],
             "train_seconds": seconds,
         }
         rows.append(row)

@@ -258,8 +258,9 @@ def layout(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(row)
     # the formula is the model's: check it on a model small enough to build
     e = md.Experiment.model_validate(spec(3, (64, 64), adversary={"layout": "source"}))
-    built = sum(p.numel() for p in md.build_model(e).adversary_parameters())
-    dd = md.build_model(e).feature_sizes["t0"] + 2
+    model = md.build_model(e)
+    built = sum(p.numel() for p in model.adversary_parameters())
+    dd = model.feature_sizes["t0"] + 2
     assert built == 3 * e.adversary.ensemble * MLPHead.parameter_count(dd, 4, e.adversary.head), "the formula is wrong"
     return rows
 

@@ -18,7 +18,7 @@ import torch
 from ._errors import SpecError
 from ._spec import OptimizerSpec
 
-__all__ = ["free_bytes", "optimizer_states", "require_memory", "gib"]
+__all__ = ["free_bytes", "optimizer_states", "require_memory", "gib", "element_bytes"]
 
 _CGROUP_FILES = (  # (limit, usage): cgroup v2, then v1
     ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
@@ -74,6 +74,11 @@ def optimizer_states(spec: OptimizerSpec) -> int:
     if spec.name in {"adam", "adamw"}:
         return 2
     return 1 if spec.momentum > 0 else 0
+
+
+def element_bytes() -> int:
+    """Bytes of one element of torch's default floating-point dtype (what parameters are built in)."""
+    return torch.finfo(torch.get_default_dtype()).bits // 8
 
 
 def gib(n: float) -> str:

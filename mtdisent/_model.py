@@ -12,7 +12,7 @@ from torch import nn
 from ._errors import ComponentError, MtdisentError, SpecError, did_you_mean
 from ._heads import HeadGroup, MLPHead
 from ._levers import Lever
-from ._memory import require_memory
+from ._memory import element_bytes, require_memory
 from ._registry import backbones, levers
 from ._spec import AdversaryPair, Component, Experiment
 from ._torch import eval_mode
@@ -294,7 +294,7 @@ class MultiTaskModel(nn.Module):
         """
         adv = self.experiment.adversary
         count = sum(MLPHead.parameter_count(inputs[n], k, adv.head) for n, k in outputs.items())
-        itemsize = torch.finfo(torch.get_default_dtype()).bits // 8
+        itemsize = element_bytes()
         advice = []
         if adv.layout == "pair":
             heads, _, alt = _networks(self.pairs, self.pair_classes, "source")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._errors import SpecError
-from .._memory import gib, optimizer_states, require_memory
+from .._memory import element_bytes, gib, optimizer_states, require_memory
 from .._model import MultiTaskModel, map_features
 from .._spec import Experiment, OptimizerSpec
 from ._distributed import DistInfo
@@ -118,7 +118,7 @@ def _check_training_memory(model: MultiTaskModel, experiment: Experiment, device
     grads = 0 if gram else adv  # the Gram shortcut moves the large first layers without gradients
     widths = model.adversary_widths()
     batch = sum(widths[h.source] for h in model.adversary_heads) * (tr.batch_size // world) if stacked else 0
-    itemsize = torch.finfo(torch.get_default_dtype()).bits // 8
+    itemsize = element_bytes()
     require_memory(
         itemsize * (states + grads + batch + (main + adv if moved else 0)),
         device,
