@@ -54,11 +54,20 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "narrow": (
         "the default with members 86 wide: three together cost about one paper adversary 256 wide",
-        {"adversary": {"head": {"hidden": [86]}}},
+        {"adversary": {"ensemble": 3, "head": {"hidden": [86]}}},
     ),
     "single": (
         "the default with one adversary per pair (ensemble 1, still conditional and re-initialised): the paper's cost",
         {"adversary": {"ensemble": 1}},
+    ),
+    "shared": (
+        "the default's three members per pair sharing their hidden layer, each with its own output layer "
+        "(adversary.layout='pair_shared'): about one adversary's cost",
+        {"adversary": {"layout": "pair_shared"}},
+    ),
+    "three": (
+        "three conditional adversaries per pair, one re-initialised at a time: the library default, named",
+        {"adversary": {"ensemble": 3}},
     ),
     "strong": (
         "the default with 10 adversary steps at learning rate 1e-3",

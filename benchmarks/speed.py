@@ -15,8 +15,9 @@ Sections (``--only`` picks some):
   adversary per ordered pair, N = 2, 4, 8. *fast* = stacked heads + the Gram shortcut (the library's execution
   defaults); *naive* = the fair reference loop (one module per head, Python loops, adversary weights out of the
   main step's graph, foreach optimisers, the same reused features). Timed alternately, medians.
-* ``default``: the library's default adversaries against the paper's at N = 8 (both fast), with three cheaper variants
-  of the default timed beside them (one network per source; members 86 wide; one member per pair).
+* ``default``: the library's default adversaries against the paper's at N = 8 (both fast), with four cheaper variants
+  of the default timed beside them (one network per source; members 86 wide; one member per pair; members sharing
+  their hidden layer).
 * ``layout``: adversary parameters at the paper's resolution (1 x 224 x 288, flattened DLTK features,
   D = 64,512) for N = 2, 4, 8: one network per pair against one per source task (``adversary.layout``).
 * ``memory``: the default settings at 1 x 224 x 288 train (3 iterations, batch 50) for N = 2, 4, 8, each in a
@@ -218,7 +219,7 @@ def ratio(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # cheaper variants of the default adversaries, timed beside it (their quality: benchmarks/results/study_shapes_n/)
-CHEAPER = {k: METHODS[k][1]["adversary"] for k in ("source", "narrow", "single")}
+CHEAPER = {k: METHODS[k][1]["adversary"] for k in ("source", "narrow", "single", "shared")}
 
 
 def default(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,7 +24,8 @@ class AdversaryHead(NamedTuple):
     """One adversary network.
 
     With ``adversary.layout="pair"`` there is one per pair (and ensemble member); with ``"source"`` one per source
-    task (and member) whose output holds the logits of every target it predicts.
+    task (and member) whose output holds the logits of every target it predicts; with ``"pair_shared"`` one per pair
+    whose output holds every member's logits (``member`` is then 0).
     """
 
     name: str
@@ -180,7 +181,8 @@ def _networks(
 ) -> tuple[list[AdversaryHead], list[tuple[int, int, int]], dict[str, int]]:
     """The adversary networks of ``layout``, each pair's ``(network, first logit, classes)`` and each network's outputs.
 
-    ``"pair"``: one network per pair; ``"source"``: one per source task (and member) predicting all its targets.
+    ``"pair"``: one network per pair and member; ``"source"``: one per source task (and member) predicting all its
+    targets; ``"pair_shared"``: one per pair, its members' output layers side by side on shared hidden layers.
     """
     heads: list[AdversaryHead] = []
     slots: list[tuple[int, int, int]] = []
@@ -188,11 +190,13 @@ def _networks(
     for p, k in zip(pairs, classes, strict=True):
         if layout == "pair":
             name = p.key
+        elif layout == "pair_shared":
+            name = p.pair_key
         else:
             name = f"{p.source}->*" if p.member == 0 else f"{p.source}->*#{p.member}"
         if name not in outputs:
             outputs[name] = 0
-            heads.append(AdversaryHead(name, p.source, p.member))
+            heads.append(AdversaryHead(name, p.source, 0 if layout == "pair_shared" else p.member))
         slots.append(([h.name for h in heads].index(name), outputs[name], k))
         outputs[name] += k
     return heads, slots, outputs
@@ -211,8 +215,8 @@ class MultiTaskModel(nn.Module):
         input_shape: ``(C, H, W)``; defaults to ``experiment.input_shape``.
     """
 
-    _pair_head: torch.Tensor  # (P,) the network of each pair (adversary.layout="source")
-    _head_pair: torch.Tensor  # (G,) one pair of each network (adversary.layout="source")
+    _pair_head: torch.Tensor  # (P,) the network of each pair (adversary.layout "source" or "pair_shared")
+    _head_pair: torch.Tensor  # (G,) one pair of each network (adversary.layout "source" or "pair_shared")
     _pair_cols: torch.Tensor  # (P, K_max) its logits' columns in that network's output
     _pair_pad: torch.Tensor  # (P, K_max) True past the pair's classes
 
@@ -273,7 +277,7 @@ class MultiTaskModel(nn.Module):
                 self.lever_modules[str(k)] = module
         self.adversaries = HeadGroup(adversaries, dict.fromkeys(adversaries, experiment.adversary.head), stacked)
         self._pair_slots = slots
-        self._shared = experiment.adversary.layout == "source"
+        self._shared = experiment.adversary.layout != "pair"  # a network serves several pairs or members
         if self._shared and self.pairs:  # gather indices from (G, B, sum K) network logits to (P, B, K_max)
             k_max = max(self.pair_classes)
             cols = torch.tensor([[o + min(c, k - 1) for c in range(k_max)] for _, o, k in slots])  # (P, K_max)
@@ -296,11 +300,13 @@ class MultiTaskModel(nn.Module):
         count = sum(MLPHead.parameter_count(inputs[n], k, adv.head) for n, k in outputs.items())
         itemsize = element_bytes()
         advice = []
-        if adv.layout == "pair":
-            heads, _, alt = _networks(self.pairs, self.pair_classes, "source")
-            n = sum(MLPHead.parameter_count(widths[h.source], alt[h.name], adv.head) for h in heads)
-            advice.append(f"adversary.layout='source' (one network per source task) has {n / 1e6:,.0f} M")
-        advice.append("fewer adversary.ensemble members or a narrower adversary.head.hidden shrink it in proportion")
+        cheaper = {"source": "one network per source task", "pair_shared": "ensemble members sharing hidden layers"}
+        for name, what in cheaper.items():
+            if name != adv.layout and (name == "source" or adv.ensemble > 1):
+                heads, _, alt = _networks(self.pairs, self.pair_classes, name)
+                n = sum(MLPHead.parameter_count(widths[h.source], alt[h.name], adv.head) for h in heads)
+                advice.append(f"adversary.layout={name!r} ({what}) has {n / 1e6:,.0f} M")
+        advice.append("fewer adversary.ensemble members or a narrower adversary.head.hidden shrink it")
         advice.append("so does a backbone with fewer output features (pooled)")
         require_memory(
             itemsize * count * (2 if stacked else 1),
@@ -311,6 +317,33 @@ class MultiTaskModel(nn.Module):
             + (" (two copies of their weights while they are stacked)" if stacked else ""),
             "; ".join(advice),
         )
+
+    def reinitialise_adversaries(self, member: int, seed: int) -> None:
+        """Fresh weights for ensemble member ``member`` of every pair, as newly built adversaries have them.
+
+        Deterministic given ``seed``; nothing else moves. With ``adversary.layout="pair_shared"`` member 0 renews
+        each pair's whole network (the shared hidden layers and every member's output layer), so with M members the
+        shared layers live M re-initialisation periods, and a member m > 0 renews only its own output rows.
+        """
+        adv = self.experiment.adversary
+        if adv.layout != "pair_shared" or member == 0:
+            names = [h.name for h in self.adversary_heads if h.member == member]
+            self.adversaries.reinitialise(names, seed=seed)
+            return
+        rows = [
+            (self.adversary_heads[g].name, o, k)
+            for p, (g, o, k) in zip(self.pairs, self._pair_slots, strict=True)
+            if p.member == member
+        ]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for name, offset, k in rows:
+                head = self.adversaries.head(name)  # a standalone copy
+                fresh = MLPHead(head.in_features, head.num_classes, adv.head)
+                with torch.no_grad():
+                    head.out.weight[offset : offset + k] = fresh.out.weight[offset : offset + k]  # (k, H)
+                    head.out.bias[offset : offset + k] = fresh.out.bias[offset : offset + k]
+                self.adversaries.load_head(name, head)
 
     # -- access --------------------------------------------------------------------------------------
     def adversary(self, source: str, target: str, member: int = 0) -> nn.Module:
@@ -472,8 +505,9 @@ class MultiTaskModel(nn.Module):
         ``features`` may also be the output of :meth:`stack_adversary_inputs`. Pair p's logits past its
         target's classes are ``-inf``. ``transform(x, w)`` (an objective's ``adversary_input``) is applied to
         the (P, B, D) stacked inputs with ``weights`` (P,) reshaped to (P, 1, 1) first; with
-        ``adversary.layout="source"`` a network serves several pairs and reads its input once, transformed with the
-        weight of its pairs (the engine refuses pairs of one network with different weights). ``labels``
+        ``adversary.layout`` ``"source"`` or ``"pair_shared"`` a network serves several pairs (or members) and reads its
+        input once, transformed with the weight of its pairs (the engine refuses pairs of one network with different
+        weights; the members of a pair always share one). ``labels``
         (``{task: (B,)}``) condition conditional adversaries.
         """
         inputs = features if isinstance(features, torch.Tensor) else self.adversary_inputs(features, labels)
@@ -529,7 +563,7 @@ class MultiTaskModel(nn.Module):
 
 
 class _Slice(nn.Module):
-    """The logits of one target from a network that predicts several (``adversary.layout="source"``)."""
+    """The logits of one pair (or member) from a network that predicts several (``adversary.layout`` not ``"pair"``)."""
 
     def __init__(self, module: nn.Module, offset: int, k: int) -> None:
         super().__init__()

@@ -400,7 +400,10 @@ class AdversarySpec(SpecModel):
             adversaries' parameters and cost grow linearly in N (their first layer, D x hidden, dominates). With
             two tasks both are the same network. An objective that transforms the adversaries' inputs
             (``gradient_reversal``) transforms each network's input once, with its pairs' weight, so those pairs
-            must share one weight.
+            must share one weight. ``"pair_shared"``: one network per ordered pair whose ``ensemble`` members share
+            its hidden layers, each with its own output layer, so members cost little more than one adversary
+            (the first layer dominates); re-initialising member 0 renews the whole network, member m > 0 its own
+            output layer only. With ``ensemble`` 1 it is ``"pair"``.
         scales: What an adversary reads from its source encoder. ``"last"``: the last features, as the
             classifier does (the paper). ``"all"``: the last features followed by the global-average-pooled output
             of every scale of the encoder (the modules its backbone's ``scale_modules()`` returns; ``dltk_residual``:
@@ -423,7 +426,7 @@ class AdversarySpec(SpecModel):
     ensemble: int = Field(default=3, ge=1, le=32)
     reinit_every: int = Field(default=100, ge=0)
     conditional: bool = True
-    layout: Literal["pair", "source"] = "pair"
+    layout: Literal["pair", "source", "pair_shared"] = "pair"
     scales: Literal["last", "all"] = "last"
 
 

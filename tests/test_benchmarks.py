@@ -174,7 +174,7 @@ def test_speed_benchmark_quick_gates_and_reports(tmp_path):
     for r in result["ratio"]:
         assert r["ratio"] == pytest.approx(r["fast"]["iteration_s"] / r["naive"]["iteration_s"])
     d = result["default"]  # the default, the paper's and the cheaper variants, timed in one run
-    assert set(d["cheaper_ratios"]) == {"source", "narrow", "single"}
+    assert set(d["cheaper_ratios"]) == {"source", "narrow", "single", "shared"}
     assert d["cheaper"]["narrow"] == {"head": {"hidden": [86]}} and d["cheaper"]["single"] == {"ensemble": 1}
     for name, r in {"default": d["ratio"], **d["cheaper_ratios"]}.items():
         assert r == pytest.approx(d[name]["iteration_s"] / d["paper"]["iteration_s"])

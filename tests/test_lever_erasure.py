@@ -22,7 +22,8 @@ def make(mode="conditional", dim=16, classes=(2, 3), **args):
     e = md.Experiment(
         tasks=[{"name": "i", "num_classes": classes[0]}, {"name": "j", "num_classes": classes[1]}],
         input_shape=(1, 8, 8),
-    )  # default adversaries: an ensemble of 3 per pair, so pairs has members 0..2
+        adversary={"ensemble": 3},
+    )  # an ensemble of 3 per pair, so pairs has members 0..2 (the lever must see every pair once)
     model = SimpleNamespace(
         experiment=e, task_names=e.task_names, pairs=e.adversary_pairs(), feature_sizes={"i": dim, "j": dim}
     )

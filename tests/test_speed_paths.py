@@ -184,6 +184,75 @@ def test_source_layout_with_reversal_refuses_pairs_of_one_network_with_different
         build_loop(e, {"train": data})
 
 
+def test_pair_shared_members_share_hidden_layers_and_read_their_own_rows():
+    e = experiment_n(4, "pair_shared", ensemble=3)
+    model = md.build_model(e)
+    pairs = [p for p in model.pairs if p.member == 0]
+    assert [h.name for h in model.adversary_heads] == [p.pair_key for p in pairs]  # one network per pair
+
+    def count(m):  # parameters of the networks as built (stacks pad output layers to the widest)
+        return sum(p.numel() for h in m.adversary_heads for p in m.adversaries.head(h.name).parameters())
+
+    single = md.build_model(experiment_n(4, "pair", ensemble=1))
+    # each pair adds two more output layers (8 x k weights and k biases each) and nothing else
+    extra = sum(2 * (8 * k + k) for p, k in zip(model.pairs, model.pair_classes, strict=True) if p.member == 0)
+    assert count(model) - count(single) == extra
+    model.eval()
+    feats = {f"t{i}": torch.randn(5, 512) for i in range(4)}
+    labels = {f"t{i}": torch.randint(0, 2, (5,)) for i in range(4)}
+    logits = model.adversary_logits(feats, labels=labels)  # (P, B, K_max)
+    inputs = dict(zip([h.name for h in model.adversary_heads], model.adversary_inputs(feats, labels), strict=True))
+    for p, pair in enumerate(model.pairs):
+        k = model.pair_classes[p]
+        network = model.adversaries.head(pair.pair_key).eval()  # a standalone copy, in eval mode as the model
+        rows = slice(pair.member * k, (pair.member + 1) * k)  # the member's rows of the shared network's output
+        assert torch.allclose(logits[p, :, :k], network(inputs[pair.pair_key])[:, rows], atol=1e-6), pair
+        assert torch.allclose(
+            logits[p, :, :k], model.adversary(pair.source, pair.target, pair.member)(inputs[pair.pair_key]), atol=1e-6
+        )
+    members = logits[[i for i, q in enumerate(model.pairs) if q.pair_key == "t1->t0"]]
+    assert not torch.allclose(members[0], members[1])  # members start from different output layers
+
+
+def test_pair_shared_reinitialises_a_members_rows_and_member_zero_the_whole_network():
+    def states(member):
+        model = md.build_model(experiment_n(3, "pair_shared", ensemble=3))
+        before = {h.name: model.adversaries.head(h.name).state_dict() for h in model.adversary_heads}
+        model.reinitialise_adversaries(member, seed=11)
+        return before, {h.name: model.adversaries.head(h.name).state_dict() for h in model.adversary_heads}, model
+
+    before, after, model = states(1)
+    _, again, _ = states(1)
+    for name, state in after.items():
+        k = model.adversaries.head(name).num_classes // 3
+        for key, value in state.items():
+            assert torch.equal(value, again[name][key])  # deterministic given the seed
+            if key.startswith("out."):
+                changed = (value != before[name][key]).reshape(value.shape[0], -1).any(1)  # per output row
+                assert changed.tolist() == [False] * k + [True] * k + [False] * k, (name, key)
+            else:
+                assert torch.equal(value, before[name][key]), (name, key)  # shared layers and BatchNorm untouched
+    before, after, _ = states(0)
+    for name, state in after.items():
+        assert not torch.equal(state["body.0.weight"], before[name]["body.0.weight"])  # the shared layer renewed
+        assert (state["out.weight"] != before[name]["out.weight"]).any(1).all()  # and every member's rows
+
+
+def test_pair_shared_with_one_member_is_the_pair_layout():
+    pair, shared = (loops({"layout": layout, "ensemble": 1}, modes=("auto",))[0] for layout in ("pair", "pair_shared"))
+    assert shared.model.state_dict().keys() == pair.model.state_dict().keys()
+    for _ in range(3):
+        assert iterate(pair)["loss/main"] == iterate(shared)["loss/main"]
+
+
+def test_pair_shared_gram_steps_equal_plain_steps_across_reinitialisations():
+    # ensemble 2, reinit every 2: members 1 then 0 renewed within the five iterations (rows, then whole networks)
+    adversary = {"layout": "pair_shared", "ensemble": 2, "reinit_every": 2}
+    gram, plain = loops(adversary, {"adversary_optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}})
+    assert gram.step.gram and not plain.step.gram
+    assert_same_training(gram, plain, 5)
+
+
 def test_channels_last_encoders_compute_the_same():
     a, b = (build_loop(toy_experiment(training={"channels_last": cl}), {"train": ToyDataset()}) for cl in (False, True))
     for _ in range(3):

@@ -443,8 +443,7 @@ class AdversarialStep(Step):
         """
         adv = self.experiment.adversary
         member = (iteration // adv.reinit_every - 1) % adv.ensemble
-        names = [h.name for h in self.model.adversary_heads if h.member == member]
-        self.model.adversaries.reinitialise(names, seed=self.experiment.seed * 1_000_003 + iteration)
+        self.model.reinitialise_adversaries(member, seed=self.experiment.seed * 1_000_003 + iteration)
         if self.adversary_optimizer is not None:
             self.adversary_optimizer.state.clear()  # momentum / Adam moments of the old weights do not fit the new
         return member
