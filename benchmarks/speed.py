@@ -256,6 +256,7 @@ def layout(args: argparse.Namespace) -> list[dict[str, Any]]:
             m = a.ensemble
             row[f"{name}_pair"] = n * (n - 1) * m * MLPHead.parameter_count(d + extra, 2, a.head)
             row[f"{name}_source"] = n * m * MLPHead.parameter_count(d + extra, 2 * (n - 1), a.head)
+            row[f"{name}_pair_shared"] = n * (n - 1) * MLPHead.parameter_count(d + extra, 2 * m, a.head)
         rows.append(row)
     # the formula is the model's: check it on a model small enough to build
     e = md.Experiment.model_validate(spec(3, (64, 64), adversary={"layout": "source"}))
@@ -263,6 +264,9 @@ def layout(args: argparse.Namespace) -> list[dict[str, Any]]:
     built = sum(p.numel() for p in model.adversary_parameters())
     dd = model.feature_sizes["t0"] + 2
     assert built == 3 * e.adversary.ensemble * MLPHead.parameter_count(dd, 4, e.adversary.head), "the formula is wrong"
+    e = md.Experiment.model_validate(spec(3, (64, 64), fast=False, adversary={"layout": "pair_shared"}))
+    built = sum(p.numel() for p in md.build_model(e).adversary_parameters())
+    assert built == 6 * MLPHead.parameter_count(dd, 2 * e.adversary.ensemble, e.adversary.head), "the formula is wrong"
     return rows
 
 
@@ -509,13 +513,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "## Adversary parameters at 1 x 224 x 288 (D = 64,512)",
             "",
-            "| N | paper, per pair | paper, per source | default, per pair | default, per source |",
-            "|---|---|---|---|---|",
+            "| N | paper, per pair | paper, per source | default, per pair | default, per source | default, "
+            "members sharing hidden layers (`pair_shared`) |",
+            "|---|---|---|---|---|---|",
         ]
         for r in result["layout"]:
             lines.append(
                 f"| {r['tasks']} | {r['paper_pair'] / 1e6:.0f} M | {r['paper_source'] / 1e6:.0f} M | "
-                f"{r['default_pair'] / 1e6:.0f} M | {r['default_source'] / 1e6:.0f} M |"
+                f"{r['default_pair'] / 1e6:.0f} M | {r['default_source'] / 1e6:.0f} M | "
+                f"{r['default_pair_shared'] / 1e6:.0f} M |"
             )
         lines.append("")
     if "memory" in result:

@@ -102,9 +102,11 @@ def _summary(console: Console, experiment: Experiment, input_shape: tuple[int, i
         table.add_row(f"encoder {t}", "x".join(map(str, model.input_shape)), str(model.feature_sizes[t]), f"{n_enc:,}")
         n_cls = n_classifier.get(t, 0)
         table.add_row(f"classifier {t}", str(model.feature_sizes[t]), str(experiment.task(t).n_classes), f"{n_cls:,}")
-    for g, h in enumerate(model.adversary_heads):  # one network per pair, or per source with layout="source"
+    for g, h in enumerate(model.adversary_heads):  # per pair (and member), per source, or per pair with its members
         pairs = [p for p, (head, _, _) in zip(model.pairs, model._pair_slots, strict=True) if head == g]
-        weights = ", ".join(f"{p.target} w={p.weight:.3g}" if len(pairs) > 1 else f"w={p.weight:.3g}" for p in pairs)
+        weights = ", ".join(  # target (and member) of each output: "b w=0.1", "b#1 w=0.0333"
+            f"{p.key.split('->', 1)[1]} w={p.weight:.3g}" if len(pairs) > 1 else f"w={p.weight:.3g}" for p in pairs
+        )
         out = sum(experiment.task(p.target).n_classes for p in pairs)
         inputs, n_adv = model.adversaries[h.name].in_features, n_adversary.get(h.name, 0)
         table.add_row(f"adversary {h.name} ({weights})", str(inputs), str(out), f"{n_adv:,}")

@@ -175,12 +175,17 @@ def test_speed_benchmark_quick_gates_and_reports(tmp_path):
         assert r["ratio"] == pytest.approx(r["fast"]["iteration_s"] / r["naive"]["iteration_s"])
     d = result["default"]  # the default, the paper's and the cheaper variants, timed in one run
     assert set(d["cheaper_ratios"]) == {"source", "narrow", "single", "shared"}
-    assert d["cheaper"]["narrow"] == {"head": {"hidden": [86]}} and d["cheaper"]["single"] == {"ensemble": 1}
+    assert d["cheaper"]["narrow"] == {"ensemble": 3, "head": {"hidden": [86]}} and d["cheaper"]["single"] == {
+        "ensemble": 1
+    }
+    assert d["cheaper"]["shared"] == {"layout": "pair_shared"}
     for name, r in {"default": d["ratio"], **d["cheaper_ratios"]}.items():
         assert r == pytest.approx(d[name]["iteration_s"] / d["paper"]["iteration_s"])
     by_n = {r["tasks"]: r for r in result["layout"]}
     # one network per source serves its 7 targets: 7x fewer first layers (the output layers are the same size)
     assert by_n[8]["paper_pair"] / by_n[8]["paper_source"] == pytest.approx(7, rel=1e-3)
+    # three members sharing their first layer: about a third of three separate members (their output layers remain)
+    assert 2.95 < by_n[8]["default_pair"] / by_n[8]["default_pair_shared"] < 3
     report = (tmp_path / "speed_quick.md").read_text()
     assert "Iteration time: fast / naive" in report and "Cheaper variants of the default" in report
     assert "Profile of the fast path" in report and "wrote" in proc.stdout

@@ -313,6 +313,22 @@ def test_build_lists_one_adversary_network_per_source_with_its_targets(tmp_path,
     assert rows["total"][2] == f"{sum(p.numel() for p in separate.parameters()):,}"
 
 
+def test_build_lists_one_network_per_pair_with_its_members_for_pair_shared(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    e = md.Experiment(
+        tasks=[md.Task(name="a", num_classes=2), md.Task(name="b", num_classes=3)],
+        input_shape=(1, 8, 8),
+        backbone={"name": "dltk_residual", "args": {"filters": [4], "strides": [1], "output": "pool"}},
+        adversary={"layout": "pair_shared", "ensemble": 2, "head": {"hidden": [8]}},
+    )
+    spec = tmp_path / "spec.json"
+    spec.write_text(e.model_dump_json())
+    assert main(["build", str(spec)]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert rows["adversary a->b (b w=0.5, b#1 w=0.5)"][:2] == ["6", "6"]  # 4 features + a's one-hot; 2 x 3 classes
+    assert rows["adversary b->a (a w=0.5, a#1 w=0.5)"][:2] == ["7", "4"]
+
+
 def test_build_without_input_shape_or_data_says_what_to_give(tmp_path, capsys):
     spec = tmp_path / "spec.json"
     spec.write_text(md.Experiment(tasks=[md.Task(name="a", num_classes=2)]).model_dump_json())
