@@ -289,7 +289,13 @@ for i in range(iterations):
     if cuda:  # the device's memory in use after each iteration: what is left when the allocator keeps no statistics
         free, total = torch.cuda.mem_get_info()
         used = max(used, (total - free) / 2**20)
-peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def resident_peak_mib():  # this process's own high-water mark: ru_maxrss also keeps the forking parent's at exec
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resident_peak_mib()
 row = {"peak_mib": peak, "s_per_iteration": min(times[1:] or times), "adversary_parameters": params}
 print(json.dumps({**row, "device_used_mib": used} if cuda else row))
 """
