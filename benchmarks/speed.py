@@ -531,8 +531,10 @@ def markdown(result: dict[str, Any]) -> str:
             )
         lines.append("")
     if "memory" in result:
+        layout = f" with adversary.layout={result['memory_layout']!r}" if result.get("memory_layout") else ""
         lines += [
-            f"## Default settings at 1 x {result['memory_size'][0]} x {result['memory_size'][1]}, batch 50, {where}",
+            f"## Default settings{layout} at 1 x {result['memory_size'][0]} x {result['memory_size'][1]}, batch 50, "
+            f"{where}",
             "",
             "| N | peak MiB (CPU: resident; CUDA: allocated) | s / iteration | adversary parameters |",
             "|---|---|---|---|",
@@ -636,6 +638,7 @@ def main() -> None:
         "loader": loader,
     }
     result.update(memory_size=list(args.memory_size), size=list(args.size), gate_steps=args.gate_steps)
+    result["memory_layout"] = args.layout  # adversary.layout of the memory section (None: the default's)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("speed" + ("_gpu" if args.gpu else "") + ("_quick" if args.quick else ""))
     for name in dict.fromkeys(args.only):  # in the order given: a time-limited run measures the first ones first

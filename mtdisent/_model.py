@@ -300,11 +300,11 @@ class MultiTaskModel(nn.Module):
         count = sum(MLPHead.parameter_count(inputs[n], k, adv.head) for n, k in outputs.items())
         itemsize = element_bytes()
         advice = []
-        cheaper = {"source": "one network per source task", "pair_shared": "ensemble members sharing hidden layers"}
-        for name, what in cheaper.items():
-            if name != adv.layout and (name == "source" or adv.ensemble > 1):
-                heads, _, alt = _networks(self.pairs, self.pair_classes, name)
-                n = sum(MLPHead.parameter_count(widths[h.source], alt[h.name], adv.head) for h in heads)
+        layouts = {"source": "one network per source task", "pair_shared": "ensemble members sharing hidden layers"}
+        for name, what in layouts.items():  # the other layouts, where they are smaller
+            heads, _, alt = _networks(self.pairs, self.pair_classes, name)
+            n = sum(MLPHead.parameter_count(widths[h.source], alt[h.name], adv.head) for h in heads)
+            if n < count:
                 advice.append(f"adversary.layout={name!r} ({what}) has {n / 1e6:,.0f} M")
         advice.append("fewer adversary.ensemble members or a narrower adversary.head.hidden shrink it")
         advice.append("so does a backbone with fewer output features (pooled)")

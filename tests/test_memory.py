@@ -35,7 +35,7 @@ def adversary_bytes(e):
     return 4 * sum(p.numel() for p in md.build_model(off).adversary_parameters())
 
 
-@pytest.mark.parametrize("layout", ["pair", "source"])
+@pytest.mark.parametrize("layout", ["pair", "source", "pair_shared"])
 def test_building_adversaries_larger_than_free_memory_is_refused_in_one_line(monkeypatch, layout):
     e = toy_experiment(adversary={"layout": layout, "ensemble": 2, "conditional": True})
     need = adversary_bytes(e) * 2  # stacked: the heads and their stack
@@ -46,9 +46,28 @@ def test_building_adversaries_larger_than_free_memory_is_refused_in_one_line(mon
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith("adversary: ") and calls == [torch.device("cpu")]
     assert f"layout {layout!r}, ensemble 2" in msg and "execution.memory_check=false" in msg
-    assert ("adversary.layout='source'" in msg) == (layout == "pair")  # the linear layout offered where it helps
+    # two tasks: "source" is the pair layout renamed, so only sharing the members' hidden layer is smaller
+    assert "adversary.layout='source'" not in msg
+    assert ("adversary.layout='pair_shared'" in msg) == (layout != "pair_shared")
     monkeypatch.setattr(_memory, "free_bytes", lambda device: need)  # exactly enough: built
     assert md.build_model(e).adversary_parameters()
+
+
+def test_the_refusal_offers_each_smaller_layout_with_its_size(monkeypatch):
+    tasks = [md.Task(name=n, num_classes=2) for n in "abcd"]  # four tasks: one network per source is smaller
+    monkeypatch.setattr(_memory, "free_bytes", lambda device: 1)
+    msgs = {}
+    for layout in ("pair", "source", "pair_shared"):
+        with pytest.raises(md.SpecError) as info:
+            md.build_model(toy_experiment(tasks=tasks, adversary={"layout": layout, "ensemble": 3}))
+        msgs[layout] = str(info.value)
+    sizes = {
+        layout: adversary_bytes(toy_experiment(tasks=tasks, adversary={"layout": layout, "ensemble": 3}))
+        for layout in msgs
+    }
+    for layout, msg in msgs.items():
+        for other in msgs:
+            assert (f"adversary.layout={other!r}" in msg) == (sizes[other] < sizes[layout]), (layout, other)
 
 
 def test_separate_heads_need_one_copy_and_the_check_can_be_turned_off(monkeypatch):
