@@ -19,7 +19,8 @@ Sections (``--only`` picks some):
   of the default timed beside them (one network per source; members 86 wide; one member per pair; members sharing
   their hidden layer).
 * ``layout``: adversary parameters at the paper's resolution (1 x 224 x 288, flattened DLTK features,
-  D = 64,512) for N = 2, 4, 8: one network per pair against one per source task (``adversary.layout``).
+  D = 64,512) for N = 2, 4, 8: one network per pair against one per source task, and the default's members
+  sharing their hidden layer (``adversary.layout``).
 * ``memory``: the default settings at 1 x 224 x 288 train (3 iterations, batch 50) for N = 2, 4, 8, each in a
   fresh process: peak resident memory and seconds per iteration.
 * ``main``: the main step's options at N = 4, 64 x 64: channels_last, ``torch.compile``, bf16 autocast, threads.

@@ -368,6 +368,20 @@ class HeadGroup(nn.Module):
             state = {f"{name}.{k}": v for k, v in head.state_dict().items()}
             self._stacks[si].load_canonical(state, [name], [gi])
 
+    def load_output_rows(self, name: str, start: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Overwrite output units ``start`` to ``start + k`` of head ``name``: ``weight`` (k, H), ``bias`` (k,)."""
+        k = weight.shape[0]
+        with torch.no_grad():
+            if not self.stacked:
+                out = cast(nn.Linear, self.separate[name].out)
+                out.weight[start : start + k] = weight.to(out.weight)
+                out.bias[start : start + k] = bias.to(out.bias)
+                return
+            si, gi = self.where[name]
+            stack = self._stacks[si]
+            stack.out_weight[gi, :, start : start + k] = weight.t().to(stack.out_weight)  # (H, k) of (G, H, K_max)
+            stack.out_bias[gi, start : start + k] = bias.to(stack.out_bias)
+
     def __getitem__(self, name: str) -> nn.Module:
         return self.separate[name] if not self.stacked else self._views[name]
 

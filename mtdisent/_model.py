@@ -299,15 +299,7 @@ class MultiTaskModel(nn.Module):
         adv = self.experiment.adversary
         count = sum(MLPHead.parameter_count(inputs[n], k, adv.head) for n, k in outputs.items())
         itemsize = element_bytes()
-        advice = []
-        layouts = {"source": "one network per source task", "pair_shared": "ensemble members sharing hidden layers"}
-        for name, what in layouts.items():  # the other layouts, where they are smaller
-            heads, _, alt = _networks(self.pairs, self.pair_classes, name)
-            n = sum(MLPHead.parameter_count(widths[h.source], alt[h.name], adv.head) for h in heads)
-            if n < count:
-                advice.append(f"adversary.layout={name!r} ({what}) has {n / 1e6:,.0f} M")
-        advice.append("fewer adversary.ensemble members or a narrower adversary.head.hidden shrink it")
-        advice.append("so does a backbone with fewer output features (pooled)")
+        advice = [*self._smaller_adversaries(), "so does a backbone with fewer output features (pooled)"]
         require_memory(
             itemsize * count * (2 if stacked else 1),
             torch.device("cpu"),
@@ -317,6 +309,24 @@ class MultiTaskModel(nn.Module):
             + (" (two copies of their weights while they are stacked)" if stacked else ""),
             "; ".join(advice),
         )
+
+    def _smaller_adversaries(self) -> list[str]:
+        """What would hold fewer adversary parameters: each smaller layout with its size, then the other settings."""
+        adv, widths = self.experiment.adversary, self.adversary_widths()
+
+        def size(layout: str) -> int:
+            heads, _, outputs = _networks(self.pairs, self.pair_classes, layout)
+            return sum(MLPHead.parameter_count(widths[h.source], outputs[h.name], adv.head) for h in heads)
+
+        layouts = {"source": "one network per source task", "pair_shared": "ensemble members sharing hidden layers"}
+        count = size(adv.layout)
+        advice = [
+            f"adversary.layout={n!r} ({what}) has {s / 1e6:,.0f} M"
+            for n, what in layouts.items()
+            if (s := size(n)) < count
+        ]
+        fewer = "fewer adversary.ensemble members or " if adv.ensemble > 1 and adv.layout != "pair_shared" else ""
+        return [*advice, f"{fewer}a narrower adversary.head.hidden shrinks them"]
 
     def reinitialise_adversaries(self, member: int, seed: int) -> None:
         """Fresh weights for ensemble member ``member`` of every pair, as newly built adversaries have them.
@@ -330,20 +340,13 @@ class MultiTaskModel(nn.Module):
             names = [h.name for h in self.adversary_heads if h.member == member]
             self.adversaries.reinitialise(names, seed=seed)
             return
-        rows = [
-            (self.adversary_heads[g].name, o, k)
-            for p, (g, o, k) in zip(self.pairs, self._pair_slots, strict=True)
-            if p.member == member
-        ]
+        width = adv.head.hidden[-1] if adv.head.hidden else None  # the output layer's fan-in
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for name, offset, k in rows:
-                head = self.adversaries.head(name)  # a standalone copy
-                fresh = MLPHead(head.in_features, head.num_classes, adv.head)
-                with torch.no_grad():
-                    head.out.weight[offset : offset + k] = fresh.out.weight[offset : offset + k]  # (k, H)
-                    head.out.bias[offset : offset + k] = fresh.out.bias[offset : offset + k]
-                self.adversaries.load_head(name, head)
+            for p, (g, offset, k) in zip(self.pairs, self._pair_slots, strict=True):
+                if p.member == member:  # fresh output rows, drawn as a newly built output layer draws them
+                    fresh = nn.Linear(width or self.adversary_widths()[p.source], k)  # (k, H)
+                    self.adversaries.load_output_rows(self.adversary_heads[g].name, offset, fresh.weight, fresh.bias)
 
     # -- access --------------------------------------------------------------------------------------
     def adversary(self, source: str, target: str, member: int = 0) -> nn.Module:

@@ -54,20 +54,22 @@ def test_building_adversaries_larger_than_free_memory_is_refused_in_one_line(mon
 
 
 def test_the_refusal_offers_each_smaller_layout_with_its_size(monkeypatch):
-    tasks = [md.Task(name=n, num_classes=2) for n in "abcd"]  # four tasks: one network per source is smaller
+    # four tasks, two members: 24 networks per pair and member, 12 per pair, 8 per source and member
+    tasks = [md.Task(name=n, num_classes=2) for n in "abcd"]
     monkeypatch.setattr(_memory, "free_bytes", lambda device: 1)
-    msgs = {}
+    msgs, sizes = {}, {}
     for layout in ("pair", "source", "pair_shared"):
+        e = toy_experiment(tasks=tasks, adversary={"layout": layout, "ensemble": 2})
         with pytest.raises(md.SpecError) as info:
-            md.build_model(toy_experiment(tasks=tasks, adversary={"layout": layout, "ensemble": 3}))
-        msgs[layout] = str(info.value)
-    sizes = {
-        layout: adversary_bytes(toy_experiment(tasks=tasks, adversary={"layout": layout, "ensemble": 3}))
-        for layout in msgs
-    }
+            md.build_model(e)
+        msgs[layout], sizes[layout] = str(info.value), adversary_bytes(e) // 4
+    assert sizes["pair"] > sizes["pair_shared"] > sizes["source"]
     for layout, msg in msgs.items():
         for other in msgs:
-            assert (f"adversary.layout={other!r}" in msg) == (sizes[other] < sizes[layout]), (layout, other)
+            offered = f"adversary.layout={other!r} ({'one network' if other == 'source' else 'ensemble'}"
+            assert (offered in msg) == (sizes[other] < sizes[layout]), (layout, other)
+        # members of a shared network cost only their output rows: fewer of them is no advice there
+        assert ("fewer adversary.ensemble members" in msg) == (layout != "pair_shared")
 
 
 def test_separate_heads_need_one_copy_and_the_check_can_be_turned_off(monkeypatch):
@@ -100,6 +102,7 @@ def test_training_that_cannot_fit_stops_before_the_first_step(monkeypatch, tmp_p
     assert msg.startswith("training: the optimisers' state") and "\n" not in msg
     assert "training.optimizer 'adam' keeps 2" in msg and "training.adversary_optimizer 'sgd' 1" in msg
     assert ("the adversaries' gradients" in msg) == (features == "fresh") and "stacked inputs" in msg
+    assert "adversary.layout='pair_shared'" in msg and "adversary.layout='source'" not in msg  # two tasks
     assert not list(tmp_path.rglob("*.safetensors"))  # nothing trained, nothing written as if it had
     free = iter([10**12, need])  # exactly enough
     assert md.train(e, data=ToyDataset(), quiet=True).model is not None

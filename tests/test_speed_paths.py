@@ -184,8 +184,9 @@ def test_source_layout_with_reversal_refuses_pairs_of_one_network_with_different
         build_loop(e, {"train": data})
 
 
-def test_pair_shared_members_share_hidden_layers_and_read_their_own_rows():
-    e = experiment_n(4, "pair_shared", ensemble=3)
+@pytest.mark.parametrize("heads", ["stacked", "separate"])
+def test_pair_shared_members_share_hidden_layers_and_read_their_own_rows(heads):
+    e = experiment_n(4, "pair_shared", ensemble=3).model_copy(update={"execution": md.ExecutionSpec(heads=heads)})
     model = md.build_model(e)
     pairs = [p for p in model.pairs if p.member == 0]
     assert [h.name for h in model.adversary_heads] == [p.pair_key for p in pairs]  # one network per pair
@@ -214,9 +215,15 @@ def test_pair_shared_members_share_hidden_layers_and_read_their_own_rows():
     assert not torch.allclose(members[0], members[1])  # members start from different output layers
 
 
-def test_pair_shared_reinitialises_a_members_rows_and_member_zero_the_whole_network():
+@pytest.mark.parametrize("heads", ["stacked", "separate"])
+def test_pair_shared_reinitialises_a_members_rows_and_member_zero_the_whole_network(heads):
     def states(member):
-        model = md.build_model(experiment_n(3, "pair_shared", ensemble=3))
+        e = experiment_n(3, "pair_shared", ensemble=3)
+        model = md.build_model(e.model_copy(update={"execution": md.ExecutionSpec(heads=heads)}))
+        for h in model.adversary_heads:  # BatchNorm statistics as after training, so a reset shows
+            head = model.adversaries.head(h.name)
+            head.body[1].running_mean.fill_(1.0)
+            model.adversaries.load_head(h.name, head)
         before = {h.name: model.adversaries.head(h.name).state_dict() for h in model.adversary_heads}
         model.reinitialise_adversaries(member, seed=11)
         return before, {h.name: model.adversaries.head(h.name).state_dict() for h in model.adversary_heads}, model
@@ -236,6 +243,7 @@ def test_pair_shared_reinitialises_a_members_rows_and_member_zero_the_whole_netw
     for name, state in after.items():
         assert not torch.equal(state["body.0.weight"], before[name]["body.0.weight"])  # the shared layer renewed
         assert (state["out.weight"] != before[name]["out.weight"]).any(1).all()  # and every member's rows
+        assert not state["body.1.running_mean"].any()  # and the BatchNorm statistics
 
 
 def test_pair_shared_with_one_member_is_the_pair_layout():
@@ -246,7 +254,7 @@ def test_pair_shared_with_one_member_is_the_pair_layout():
 
 
 def test_pair_shared_gram_steps_equal_plain_steps_across_reinitialisations():
-    # ensemble 2, reinit every 2: members 1 then 0 renewed within the five iterations (rows, then whole networks)
+    # ensemble 2, reinit every 2: member 0 renewed at iteration 2 (whole networks), member 1 at 4 (its rows only)
     adversary = {"layout": "pair_shared", "ensemble": 2, "reinit_every": 2}
     gram, plain = loops(adversary, {"adversary_optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}})
     assert gram.step.gram and not plain.step.gram

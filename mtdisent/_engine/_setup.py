@@ -128,8 +128,8 @@ def _check_training_memory(model: MultiTaskModel, experiment: Experiment, device
         f"training.adversary_optimizer {tr.adversary_optimizer.name!r} {optimizer_states(tr.adversary_optimizer)})"
         + (", the adversaries' gradients" if grads else "")
         + (f" and a batch of their stacked inputs ({gib(itemsize * batch)})" if batch else ""),
-        "make the adversaries smaller (adversary.layout 'source' or 'pair_shared', adversary.ensemble, "
-        "adversary.head.hidden) or use SGD without momentum for them (training.adversary_optimizer)",
+        "; ".join(model._smaller_adversaries())
+        + "; or use SGD without momentum for the adversaries (training.adversary_optimizer)",
     )
 
 

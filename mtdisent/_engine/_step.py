@@ -220,7 +220,7 @@ class AdversarialStep(Step):
                         f"pairs: objective {experiment.adversary.objective.name!r} transforms each adversary "
                         f"network's input with its pairs' weight, and adversary.layout 'source' gives task "
                         f"{source!r} one network whose pairs have different weights ({weights}); give them one "
-                        "weight or use layout 'pair'"
+                        "weight or use layout 'pair' or 'pair_shared'"
                     )
         # exact (B, B) algebra for the k steps on reused features, where it is exact (see _gram.py)
         mode = experiment.execution.adversary_steps

@@ -11,7 +11,7 @@ of the step leaves the adversaries' loss unchanged (it cannot help them); ``-alp
 encoder up the adversaries' loss. The classifier heads get their task gradient only. AIF360's
 ``AdversarialDebiasing`` implements the same update for one protected attribute; here every encoder is projected
 against all the adversaries that read it (every target task, every ensemble member), with conditional
-adversaries, ensembles and both adversary layouts as for the other objectives.
+adversaries, ensembles and every adversary layout as for the other objectives.
 """
 
 from __future__ import annotations
