@@ -264,7 +264,7 @@ class MultiTaskModel(nn.Module):
         inputs = {h.name: widths[h.source] for h in self.adversary_heads}
         stacked = experiment.execution.heads in {"auto", "stacked"}
         if experiment.execution.memory_check and self.pairs:
-            self._check_adversary_memory(inputs, outputs, widths, stacked)
+            self._check_adversary_memory(inputs, outputs, stacked)
         adversaries = {h.name: MLPHead(inputs[h.name], outputs[h.name], adv_head) for h in self.adversary_heads}
         self.classifiers = HeadGroup(classifiers, {t: experiment.head_for(t) for t in classifiers}, stacked)
         self.levers: list[Lever] = [
@@ -289,9 +289,7 @@ class MultiTaskModel(nn.Module):
             pad = torch.arange(k_max)[None, :] >= torch.tensor(self.pair_classes)[:, None]
             self.register_buffer("_pair_pad", pad, persistent=False)  # (P, K_max)
 
-    def _check_adversary_memory(
-        self, inputs: dict[str, int], outputs: dict[str, int], widths: dict[str, int], stacked: bool
-    ) -> None:
+    def _check_adversary_memory(self, inputs: dict[str, int], outputs: dict[str, int], stacked: bool) -> None:
         """A one-line error, before anything is allocated, when the adversaries' weights cannot fit in host memory.
 
         Building stacked adversaries holds two copies of their weights for a moment (the heads, then the stack).
@@ -340,12 +338,12 @@ class MultiTaskModel(nn.Module):
             names = [h.name for h in self.adversary_heads if h.member == member]
             self.adversaries.reinitialise(names, seed=seed)
             return
-        width = adv.head.hidden[-1] if adv.head.hidden else None  # the output layer's fan-in
+        widths = self.adversary_widths()  # the output layer's fan-in without hidden layers
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for p, (g, offset, k) in zip(self.pairs, self._pair_slots, strict=True):
                 if p.member == member:  # fresh output rows, drawn as a newly built output layer draws them
-                    fresh = nn.Linear(width or self.adversary_widths()[p.source], k)  # (k, H)
+                    fresh = nn.Linear(adv.head.hidden[-1] if adv.head.hidden else widths[p.source], k)  # (k, H)
                     self.adversaries.load_output_rows(self.adversary_heads[g].name, offset, fresh.weight, fresh.bias)
 
     # -- access --------------------------------------------------------------------------------------

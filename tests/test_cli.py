@@ -267,6 +267,20 @@ def _table_rows(out: str) -> dict[str, list[str]]:
     return rows
 
 
+def _build_table(tmp_path, capsys, tasks, adversary) -> tuple[md.Experiment, dict[str, list[str]]]:
+    """``mtdisent build`` of a tiny pooled-feature experiment with ``tasks`` and ``adversary``: it, its table rows."""
+    e = md.Experiment(
+        tasks=tasks,
+        input_shape=(1, 8, 8),
+        backbone={"name": "dltk_residual", "args": {"filters": [4], "strides": [1], "output": "pool"}},
+        adversary=adversary,
+    )
+    spec = tmp_path / "spec.json"
+    spec.write_text(e.model_dump_json())
+    assert main(["build", str(spec)]) == 0
+    return e, _table_rows(capsys.readouterr().out)
+
+
 def test_build_takes_input_shape_from_the_data_and_counts_stacked_heads(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     spec = tmp_path / "spec.py"
@@ -289,16 +303,7 @@ def test_build_takes_input_shape_from_the_data_and_counts_stacked_heads(tmp_path
 def test_build_lists_one_adversary_network_per_source_with_its_targets(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     tasks = [md.Task(name="a", num_classes=2), md.Task(name="b", num_classes=3), md.Task(name="c", num_classes=2)]
-    e = md.Experiment(
-        tasks=tasks,
-        input_shape=(1, 8, 8),
-        backbone={"name": "dltk_residual", "args": {"filters": [4], "strides": [1], "output": "pool"}},
-        adversary={"layout": "source", "ensemble": 1, "head": {"hidden": [8]}},
-    )
-    spec = tmp_path / "spec.json"
-    spec.write_text(e.model_dump_json())
-    assert main(["build", str(spec)]) == 0
-    rows = _table_rows(capsys.readouterr().out)
+    e, rows = _build_table(tmp_path, capsys, tasks, {"layout": "source", "ensemble": 1, "head": {"hidden": [8]}})
     separate = md.build_model(e.model_copy(update={"execution": md.ExecutionSpec(heads="separate")}))
     assert [k for k in rows if k.startswith("adversary")] == [
         "adversary a->* (b w=1, c w=1)",
@@ -315,16 +320,8 @@ def test_build_lists_one_adversary_network_per_source_with_its_targets(tmp_path,
 
 def test_build_lists_one_network_per_pair_with_its_members_for_pair_shared(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
-    e = md.Experiment(
-        tasks=[md.Task(name="a", num_classes=2), md.Task(name="b", num_classes=3)],
-        input_shape=(1, 8, 8),
-        backbone={"name": "dltk_residual", "args": {"filters": [4], "strides": [1], "output": "pool"}},
-        adversary={"layout": "pair_shared", "ensemble": 2, "head": {"hidden": [8]}},
-    )
-    spec = tmp_path / "spec.json"
-    spec.write_text(e.model_dump_json())
-    assert main(["build", str(spec)]) == 0
-    rows = _table_rows(capsys.readouterr().out)
+    tasks = [md.Task(name="a", num_classes=2), md.Task(name="b", num_classes=3)]
+    _, rows = _build_table(tmp_path, capsys, tasks, {"layout": "pair_shared", "ensemble": 2, "head": {"hidden": [8]}})
     assert rows["adversary a->b (b w=0.5, b#1 w=0.5)"][:2] == ["6", "6"]  # 4 features + a's one-hot; 2 x 3 classes
     assert rows["adversary b->a (a w=0.5, a#1 w=0.5)"][:2] == ["7", "4"]
 
