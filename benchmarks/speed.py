@@ -26,6 +26,8 @@ Sections (``--only`` picks some):
 * ``main``: the main step's options at N = 4, 64 x 64: channels_last, ``torch.compile``, bf16 autocast, threads.
 * ``loader``: a disk dataset (``csv_images``, PNGs at 224 x 288): training-feed images per second with
   ``training.num_workers`` 0, 1, 2.
+* ``demo``: ``mtdisent demo`` (the README's main job, target <= 5 minutes on 2 cores) in a fresh process and an
+  empty folder: wall and CPU seconds, and what it concludes (seen test and unseen accuracy of both models).
 * ``profile``: torch.profiler over 3 iterations of the fast path at the smallest N: the top operators by self
   time and, on CUDA, device-busy time, kernel launches, synchronisations and cudaMalloc/cudaFree calls per iteration.
 
@@ -41,6 +43,7 @@ import argparse
 import copy
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -59,7 +62,7 @@ from mtdisent.engine import Loop, build_loop
 RESULTS = Path(__file__).parent / "results"
 # environment variables that slow CUDA down by design (debugging), recorded with every result
 CUDA_SWITCHES = ("CUDA_LAUNCH_BLOCKING", "PYTORCH_NO_CUDA_MEMORY_CACHING", "PYTORCH_CUDA_ALLOC_CONF")
-SECTIONS = ("gates", "ratio", "default", "layout", "memory", "main", "loader", "profile")
+SECTIONS = ("gates", "ratio", "default", "layout", "memory", "main", "loader", "profile", "demo")
 # the study's `paper` method (one plain adversary per pair), its width pinned at the paper's 256
 PAPER_ADVERSARY = {**METHODS["paper"][1]["adversary"], "head": {"hidden": [256]}}
 RUN_ON = {"device": "cpu", "amp": "off"}  # where every loop runs (main() sets it from --gpu)
@@ -441,6 +444,47 @@ def loader(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------------
+def demo(args: argparse.Namespace) -> dict[str, Any]:
+    """``mtdisent demo`` as a new user runs it (a fresh process, an empty output folder): its cost and its results.
+
+    Wall seconds, CPU seconds of the process (user + system: what the two cores spent) and, from the reports it
+    writes, each model's seen test accuracy per task and its shape accuracy on the unseen circles on black.
+    """
+    iterations = 4 if args.quick else 600  # 600: the demo's own default
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [
+            sys.executable,
+            "-m",
+            "mtdisent",
+            "demo",
+            "--quiet",
+            "--out-dir",
+            tmp,
+            "--iterations",
+            str(iterations),
+        ]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode != 0:
+            raise SystemExit(f"demo: mtdisent demo failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        models = {}
+        for weight in ("0.01", "0"):
+            run_dir = Path(tmp) / f"lambda_{weight}"
+            test = json.loads((run_dir / "eval-test" / "report.json").read_text())
+            unseen = json.loads((run_dir / "eval-unseen" / "report.json").read_text())
+            models[f"lambda={weight}"] = {
+                "test_accuracy": {t: m["accuracy"] for t, m in test["metrics"].items()},
+                "unseen_shape_accuracy": unseen["metrics"]["shape"]["accuracy"],
+            }
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    out = {"iterations": iterations, "wall_s": wall, "cpu_s": cpu, "models": models}
+    print(f"demo: {wall:.0f} s wall, {cpu:.0f} CPU-s, {models}", flush=True)
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     info = result["machine"]
     h, w = result.get("size", (64, 64))
@@ -595,6 +639,20 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         lines += [f"| {k.split('=')[1]} | {v:.0f} |" for k, v in lo.items() if k.startswith("workers=")]
         lines.append("")
+    if "demo" in result:
+        d = result["demo"]
+        lines += [
+            f"## `mtdisent demo` ({d['iterations']} iterations; fresh process, empty folder)",
+            "",
+            f"**{d['wall_s'] / 60:.1f} minutes** wall (target <= 5 on 2 cores), {d['cpu_s'] / 60:.1f} CPU-minutes.",
+            "",
+            "| model | seen test accuracy | unseen circle on black, shape accuracy |",
+            "|---|---|---|",
+        ]
+        for name, m in d["models"].items():
+            seen = ", ".join(f"{t} {a:.3f}" for t, a in m["test_accuracy"].items())
+            lines.append(f"| {name} | {seen} | {m['unseen_shape_accuracy']:.3f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -637,6 +695,7 @@ def main() -> None:
         "main": main_step,
         "profile": profile,
         "loader": loader,
+        "demo": demo,
     }
     result.update(memory_size=list(args.memory_size), size=list(args.size), gate_steps=args.gate_steps)
     result["memory_layout"] = args.layout  # adversary.layout of the memory section (None: the default's)

@@ -261,3 +261,16 @@ def test_fetal_oracle_trains_with_the_held_out_combination(tmp_path):
     assert row["seed"] == 0 and row["extra"] == 40  # LVOT-with-shadow images added to the training split
     assert 0.0 <= row["unseen_accuracy"] <= 1.0 and 0.0 <= row["test_plane_accuracy"] <= 1.0
     assert "fetal oracle seed=0" in proc.stdout
+
+
+@pytest.mark.slow
+def test_speed_demo_section_runs_the_demo_as_a_user_and_reads_its_reports(tmp_path):
+    run("speed.py", "--quick", "--only", "demo", "--out", str(tmp_path), cwd=tmp_path)
+    d = json.loads((tmp_path / "speed_quick.json").read_text())["demo"]
+    assert d["iterations"] == 4 and d["wall_s"] > 0 and d["cpu_s"] > 0
+    assert set(d["models"]) == {"lambda=0.01", "lambda=0"}
+    for m in d["models"].values():
+        assert set(m["test_accuracy"]) == {"background", "shape"}
+        assert all(0 <= a <= 1 for a in [*m["test_accuracy"].values(), m["unseen_shape_accuracy"]])
+    assert "`mtdisent demo` (4 iterations" in (tmp_path / "speed_quick.md").read_text()
+    assert not list(tmp_path.glob("runs"))  # the demo wrote into a temporary folder, not the working directory
