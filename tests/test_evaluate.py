@@ -311,3 +311,20 @@ def test_report_save_without_matplotlib_writes_the_reports_and_warns_once(run, t
         out = report.save(tmp_path / "eval", figures=True, metrics_file=run.out_dir / "metrics.jsonl")
     assert len([w for w in record if issubclass(w.category, md.FigureWarning)]) == 1
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+
+
+def test_machine_info_names_the_cpu_and_its_instruction_sets(tmp_path, monkeypatch):
+    from mtdisent import _machine
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu avx2 fma avx512f avx512_bf16 sse\n\n"
+        "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n"
+    )
+    real = _machine.Path
+    monkeypatch.setattr(_machine, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real(p))
+    info = md.machine_info()
+    assert info["cpu"] == "Test CPU" and info["cpu_flags"] == ["avx2", "fma", "avx512f", "avx512_bf16"]
+    monkeypatch.setattr(_machine, "Path", lambda p: tmp_path / "absent")
+    info = md.machine_info()
+    assert "cpu_flags" not in info and isinstance(info["cpu"], str)
