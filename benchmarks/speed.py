@@ -222,7 +222,7 @@ def ratio(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-# cheaper variants of the default adversaries, timed beside it (their quality: benchmarks/results/study_shapes_n/)
+# cheaper variants of the default adversaries, timed beside it (their quality: results/single_rerun/, source_fresh/)
 CHEAPER = {k: METHODS[k][1]["adversary"] for k in ("source", "narrow", "single", "shared")}
 
 
@@ -557,7 +557,7 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{k} ({json.dumps(d['cheaper'][k])}) {d[k]['iteration_s']:.3f} s, **{r:.2f}**"
                     for k, r in d["cheaper_ratios"].items()
                 )
-                + " (their quality: benchmarks/results/study_shapes_n/).",
+                + " (their quality: benchmarks/results/single_rerun/ and source_fresh/).",
                 "",
             ]
     if "layout" in result:
