@@ -444,17 +444,18 @@ class HeadGroup(nn.Module):
         if self.stacked and len(self.stacks) == 1:  # the common case: one stack, already in order
             logits = self._stacks[0](prepare(list(range(p_total))))
             return F.pad(logits, (0, k_max - logits.shape[-1]), value=float("-inf"))
-        out = inputs[0].new_full((p_total, b, k_max), float("-inf"))
-        if not self.stacked:
-            for i, n in enumerate(self.names):
-                logits = self.separate[n](prepare([i])[0])  # (B, K)
-                out[i, :, : logits.shape[-1]] = logits
-            return out
-        order = {n: i for i, n in enumerate(self.names)}
-        for si, members in enumerate(self.members):
-            idx = [order[n] for n in members]
-            logits = self._stacks[si](prepare(idx))  # (G, B, K)
-            out[idx, :, : logits.shape[-1]] = logits
+        if not self.stacked:  # ([head], (1, B, K)) per head
+            parts = [([i], self.separate[n](prepare([i])[0])[None]) for i, n in enumerate(self.names)]
+        else:  # ([heads], (G, B, K)) per stack
+            order = {n: i for i, n in enumerate(self.names)}
+            parts = []
+            for stack, members in zip(self._stacks, self.members, strict=True):
+                idx = [order[n] for n in members]
+                parts.append((idx, stack(prepare(idx))))
+        # in the heads' dtype, not the inputs': under bf16 autocast the logits are bf16 and the features float32
+        out = parts[0][1].new_full((p_total, b, k_max), float("-inf"))
+        for idx, logits in parts:
+            out[idx, :, : logits.shape[-1]] = logits.to(out.dtype)
         return out
 
     def weight_matrices(self) -> list[nn.Parameter]:

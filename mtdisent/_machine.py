@@ -17,16 +17,12 @@ __all__ = ["machine_info"]
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def machine_info() -> dict[str, Any]:
-    """Platform, CPU model, count and instruction sets, torch threads, Python and torch versions, and the GPU if any.
-
-    ``cpu_flags`` lists which of :data:`CPU_FLAGS` the CPU reports (Linux; absent where ``/proc/cpuinfo`` is not
-    readable): the "AMD EPYC" label alone does not say whether bf16 arithmetic is native.
-    """
+def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str | None, list[str] | None]:
+    """The first processor's model name and which of :data:`CPU_FLAGS` it reports (``None`` where unreadable)."""
     model: str | None = None
     flags: list[str] | None = None
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first processor's lines
+        for line in Path(path).read_text().splitlines():
             if line.startswith("model name") and model is None:
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and flags is None:
@@ -34,6 +30,16 @@ def machine_info() -> dict[str, Any]:
                 flags = [f for f in CPU_FLAGS if f in present]
     except OSError:
         pass
+    return model, flags
+
+
+def machine_info() -> dict[str, Any]:
+    """Platform, CPU model, count and instruction sets, torch threads, Python and torch versions, and the GPU if any.
+
+    ``cpu_flags`` lists which of :data:`CPU_FLAGS` the CPU reports (Linux; absent where ``/proc/cpuinfo`` is not
+    readable): the "AMD EPYC" label alone does not say whether bf16 arithmetic is native.
+    """
+    model, flags = _cpuinfo()
     cpu = model or platform.processor()
     info: dict[str, Any] = {
         "platform": platform.platform(),

@@ -321,10 +321,11 @@ def test_machine_info_names_the_cpu_and_its_instruction_sets(tmp_path, monkeypat
         "processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu avx2 fma avx512f avx512_bf16 sse\n\n"
         "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n"
     )
-    real = _machine.Path
-    monkeypatch.setattr(_machine, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real(p))
+    assert _machine._cpuinfo(str(cpuinfo)) == ("Test CPU", ["avx2", "fma", "avx512f", "avx512_bf16"])
+    assert _machine._cpuinfo(str(tmp_path / "absent")) == (None, None)
+    monkeypatch.setattr(_machine, "_cpuinfo", lambda: ("Test CPU", ["avx2"]))
     info = md.machine_info()
-    assert info["cpu"] == "Test CPU" and info["cpu_flags"] == ["avx2", "fma", "avx512f", "avx512_bf16"]
-    monkeypatch.setattr(_machine, "Path", lambda p: tmp_path / "absent")
+    assert info["cpu"] == "Test CPU" and info["cpu_flags"] == ["avx2"]
+    monkeypatch.setattr(_machine, "_cpuinfo", lambda: (None, None))
     info = md.machine_info()
     assert "cpu_flags" not in info and isinstance(info["cpu"], str)

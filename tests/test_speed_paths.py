@@ -326,3 +326,18 @@ def test_gram_steps_start_from_the_main_steps_first_layer_product():
         iterate(loop)
     loop.step.main_step = main
     assert counter.get_total_flops() == flops(False)
+
+
+@pytest.mark.parametrize("heads", ["separate", "stacked"])
+@pytest.mark.parametrize("layout", ["pair", "source", "pair_shared"])
+def test_bf16_autocast_runs_every_head_path_and_tracks_float32(heads, layout):
+    """``training.amp="bf16"`` (what ``"auto"`` gives on CUDA) on every head path and layout: the losses stay within
+    bf16 rounding of float32's. Adversaries split over several stacks (conditional inputs of tasks with different class
+    counts, as in the fetal-US experiment) once wrote their bf16 logits into a float32 buffer by an indexed write,
+    which does not cast, and failed on the first step."""
+    adversary = {"layout": layout, "ensemble": 2, "reinit_every": 2}
+    bf16, fp32 = (loops(adversary, {"amp": amp}, modes=("auto",), heads=heads)[0] for amp in ("bf16", "off"))
+    for _ in range(4):
+        mb, mf = iterate(bf16), iterate(fp32)
+        for key in ("loss/main", "loss/a", "loss/b"):
+            assert mb[key] == pytest.approx(mf[key], rel=0.03), key
