@@ -49,8 +49,12 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "default": ("the library default adversaries (see AdversarySpec)", {}),
     "source": (
-        "the default with one adversary network per source task (adversary.layout='source')",
+        "one adversary network per source task (adversary.layout='source', the default since source_fresh/)",
         {"adversary": {"layout": "source"}},
+    ),
+    "pair": (
+        "the default with one adversary network per ordered pair (adversary.layout='pair', the default before)",
+        {"adversary": {"layout": "pair"}},
     ),
     "narrow": (
         "the default with members 86 wide: three together cost about one paper adversary 256 wide",

@@ -37,10 +37,11 @@ def _paper_synthetic(scale: float = 0.25, **overrides: Any) -> Experiment:
             "steps": 3,
             "features": "fresh",
             "head": {"hidden": [256]},
-            # the paper's single, unconditional adversary per pair (the library's defaults differ)
+            # the paper's single, unconditional adversary per ordered pair (the library's defaults differ)
             "ensemble": 1,
             "reinit_every": 0,
             "conditional": False,
+            "layout": "pair",
         },
         "training": {
             "iterations": 10010,

@@ -385,7 +385,8 @@ class AdversarySpec(SpecModel):
         head: Head of every adversary.
         schedule: How lambda ramps up: constant, linear warm-up or DANN's sigmoid ramp.
         warmup: Iterations over which the schedule ramps from 0 to ``weight``.
-        ensemble: Adversaries per ordered pair, each initialised differently; the encoders oppose all of
+        ensemble: Adversaries per ordered pair (with ``layout="source"``: networks per source task, each with an
+            output for every pair of its source), each initialised differently; the encoders oppose all of
             them (each weighted ``weight / ensemble``), so hiding from one adversary is not enough.
         reinit_every: Every this many iterations re-initialise adversaries from fresh random weights and
             restart their optimiser: one ensemble member per pair in turn (all of them when ``ensemble`` is 1).
@@ -395,15 +396,18 @@ class AdversarySpec(SpecModel):
             (equalised-odds style). With correlated factors (circles only on white) an adversary reading the
             background from perfect shape features succeeds through the shape alone; a conditional one does
             not, so the encoders are not pushed to forget their own task.
-        layout: ``"pair"``: one adversary network per ordered pair (i, j) (the paper's N (N - 1)); ``"source"``:
-            one network per source task i whose output layer predicts every other task j at once, so the
-            adversaries' parameters and cost grow linearly in N (their first layer, D x hidden, dominates). With
-            two tasks both are the same network. An objective that transforms the adversaries' inputs
-            (``gradient_reversal``) transforms each network's input once, with its pairs' weight, so those pairs
-            must share one weight. ``"pair_shared"``: one network per ordered pair whose ``ensemble`` members share
-            its hidden layers, each with its own output layer, so members cost little more than one adversary
-            (the first layer dominates); re-initialising member 0 renews the whole network, member m > 0 its own
-            output layer only. With ``ensemble`` 1 it is ``"pair"``.
+        layout: ``"source"`` (the default): one network per source task i whose output layer predicts every other
+            task j at once, so the adversaries' parameters and cost grow linearly in N (their first layer,
+            D x hidden, dominates); ``"pair"``: one adversary network per ordered pair (i, j) (the paper's
+            N (N - 1); ``md.preset("paper_*")`` keeps it). With two tasks both are the same network. The default
+            was ``"pair"`` until a comparison on ten fresh seeds of ``shapes_n`` (N = 4) found ``"source"`` no worse
+            on unseen combinations, seen accuracy or leakage (``benchmarks/results/source_fresh/``). An objective
+            that transforms the adversaries' inputs (``gradient_reversal``) transforms each network's input once,
+            with its pairs' weight, so those pairs must share one weight. ``"pair_shared"``: one network per
+            ordered pair whose ``ensemble`` members share its hidden layers, each with its own output layer, so
+            members cost little more than one adversary (the first layer dominates); re-initialising member 0
+            renews the whole network, member m > 0 its own output layer only. With ``ensemble`` 1 it is
+            ``"pair"``.
         scales: What an adversary reads from its source encoder. ``"last"``: the last features, as the
             classifier does (the paper). ``"all"``: the last features followed by the global-average-pooled output
             of every scale of the encoder (the modules its backbone's ``scale_modules()`` returns; ``dltk_residual``:
@@ -426,7 +430,7 @@ class AdversarySpec(SpecModel):
     ensemble: int = Field(default=3, ge=1, le=32)
     reinit_every: int = Field(default=100, ge=0)
     conditional: bool = True
-    layout: Literal["pair", "source", "pair_shared"] = "pair"
+    layout: Literal["pair", "source", "pair_shared"] = "source"
     scales: Literal["last", "all"] = "last"
 
 

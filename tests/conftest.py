@@ -15,7 +15,7 @@ def two_tasks():
         backbone={"name": "dltk_residual", "args": {"filters": [4, 8, 16], "strides": [1, 2, 2]}},
         input_shape=(1, 16, 24),
         head={"hidden": [8]},
-        adversary={"head": {"hidden": [8]}},
+        adversary={"head": {"hidden": [8]}, "layout": "pair"},  # networks named by pair: "plane->shadow"
     )
 
 

@@ -29,7 +29,7 @@ def test_train_resume_and_build_from_the_command_line(tmp_path, capsys):
     assert "trained 4 iterations" in capsys.readouterr().out
     assert md.load(out).experiment.training.iterations == 4
     assert main(["build", str(spec)]) == 0
-    assert "adversary a->b" in capsys.readouterr().out
+    assert "adversary a->*" in capsys.readouterr().out  # one network per source task, the default
 
 
 def test_cli_errors_are_reported_not_raised(tmp_path, capsys):
@@ -294,7 +294,7 @@ def test_build_takes_input_shape_from_the_data_and_counts_stacked_heads(tmp_path
     for name in ("a", "b"):
         expected = sum(p.numel() for p in separate.classifiers[name].parameters())
         assert rows[f"classifier {name}"][2] == f"{expected:,}"
-    for key in ("a->b", "b->a"):
+    for key in ("a->*", "b->*"):  # one network per source task, the default
         expected = sum(p.numel() for p in separate.adversaries[key].parameters())
         assert expected > 0 and rows[f"adversary {key} (w=1)"][2] == f"{expected:,}"
     assert rows["total"][2] == f"{sum(p.numel() for p in separate.parameters()):,}"

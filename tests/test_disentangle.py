@@ -61,7 +61,7 @@ def test_ensemble_expands_every_enabled_pair_into_m_members_sharing_its_weight(n
 
 
 def test_ensemble_members_start_different_and_are_all_opposed():
-    model = md.build_model(experiment(ensemble=3, conditional=False), (1, 28, 36))
+    model = md.build_model(experiment(ensemble=3, conditional=False, layout="pair"), (1, 28, 36))
     a, b = model.adversaries["shape->background"], model.adversaries["shape->background#1"]
     z = torch.randn(5, model.feature_sizes["shape"])
     model.eval()
@@ -70,7 +70,7 @@ def test_ensemble_members_start_different_and_are_all_opposed():
 
 
 def test_evaluate_reports_the_strongest_ensemble_member():
-    model = md.train(experiment(ensemble=2, training={"iterations": 2}), quiet=True).model
+    model = md.train(experiment(ensemble=2, layout="pair", training={"iterations": 2}), quiet=True).model
     with torch.no_grad():  # member 0 always says "white", member 1 always "black"
         for key, label in (("shape->background", 0), ("shape->background#1", 1)):
             head = model.adversaries[key]
@@ -135,7 +135,7 @@ def test_reinit_rotates_through_members_on_schedule_and_resume_is_exact(tmp_path
 
 
 def test_reinit_restarts_the_adversary_optimiser():
-    e = experiment(reinit_every=2, training={"iterations": 2})
+    e = experiment(reinit_every=2, layout="pair", training={"iterations": 2})
     loop = build_loop(e)
     step = loop.step
     iterate(loop)
@@ -307,7 +307,7 @@ def test_conditional_adversaries_read_features_and_the_sources_own_label():
         input_shape=(1, 16, 16),
         backbone=TINY,
         head={"hidden": [8]},
-        adversary={"conditional": True, "ensemble": 1, "head": {"hidden": [8]}},
+        adversary={"conditional": True, "ensemble": 1, "head": {"hidden": [8]}, "layout": "pair"},
     )
     model = md.build_model(e)
     d = model.feature_sizes["a"]

@@ -74,7 +74,7 @@ def test_encoder_update_opposes_the_adversary(objective):
     # the encoder gradient decides whether the adversary's loss goes up (minmax, reversal, projection: its
     # -alpha * g_adv) or its prediction moves toward uniform (confusion). A sign error fails this test.
     tr = trainer_for(
-        adversary={"objective": objective, "steps": 0, "ensemble": 1, "conditional": False},  # one plain adversary
+        adversary={"objective": objective, "steps": 0, "ensemble": 1, "conditional": False, "layout": "pair"},
         tasks=[md.Task(name="a", num_classes=2, loss_weight=0), md.Task(name="b", num_classes=3, loss_weight=0)],
         pairs=[md.Pair(source="b", target="a", enabled=False)],
         training={
@@ -121,7 +121,7 @@ def test_unlabelled_task_gives_its_classifier_and_adversaries_no_gradient():
     # is proved equal to it in test_execution.py); gradient reversal trains the adversaries in the main step,
     # so their gradients there exist: the adversary predicting the unlabelled task must get none, the other some
     tr = trainer_for(
-        adversary={"steps": 0, "objective": "gradient_reversal", "ensemble": 1},
+        adversary={"steps": 0, "objective": "gradient_reversal", "ensemble": 1, "layout": "pair"},
         training={"l2": 0.0},
         execution={"heads": "separate"},
     )

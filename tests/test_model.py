@@ -70,7 +70,7 @@ def test_heterogeneous_backbones():
         ],
         backbone={"name": "dltk_residual", "args": {"filters": [4, 8], "strides": [1, 2]}},
         input_shape=(1, 8, 8),
-        adversary={"conditional": False},
+        adversary={"conditional": False, "layout": "pair"},
     )
     model = md.build_model(e)
     assert model.feature_sizes == {"a": 8 * 4 * 4, "b": 8}
@@ -124,7 +124,7 @@ def test_adversary_set_matches_enabled_pairs(n, data):
         backbone={"name": "dltk_residual", "args": {"filters": [2, 2], "strides": [1, 2], "output": "pool"}},
         input_shape=(1, 4, 4),
         head={"hidden": []},
-        adversary={"head": {"hidden": [3]}, "ensemble": 1, "conditional": False},
+        adversary={"head": {"hidden": [3]}, "ensemble": 1, "conditional": False, "layout": "pair"},
         pairs=pairs,
     )
     model = md.build_model(e)

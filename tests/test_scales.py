@@ -163,7 +163,7 @@ def reading_only_the_scales(scales):
     """A model whose adversary a->b has zero weights on the last features: it reads only the scales (and label)."""
     e = toy_experiment(
         backbone=DLTK,
-        adversary={"scales": scales, "steps": 0, "weight": 1.0, "ensemble": 1},
+        adversary={"scales": scales, "steps": 0, "weight": 1.0, "ensemble": 1, "layout": "pair"},
         pairs=[md.Pair(source="b", target="a", enabled=False)],
         tasks=[md.Task(name="a", num_classes=2, loss_weight=0), md.Task(name="b", num_classes=3, loss_weight=0)],
         training={"l2": 0.0, "hflip": False, "batch_size": 40, "optimizer": {"name": "sgd", "lr": 0.05}},
