@@ -44,8 +44,8 @@ from mtdisent.evaluation import format_mean_std
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "lambda0": ("no adversary term (lambda = 0); adversaries train as monitors", {"adversary": {"weight": 0.0}}),
     "paper": (
-        "the paper: min-max, lambda = 0.01, one unconditional adversary per pair",
-        {"adversary": {"weight": 0.01, "ensemble": 1, "conditional": False, "reinit_every": 0}},
+        "the paper: min-max, lambda = 0.01, one unconditional adversary per ordered pair",
+        {"adversary": {"weight": 0.01, "ensemble": 1, "conditional": False, "reinit_every": 0, "layout": "pair"}},
     ),
     "default": ("the library default adversaries (see AdversarySpec)", {}),
     "source": (

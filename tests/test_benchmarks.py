@@ -136,6 +136,13 @@ def test_disentangle_methods_resolve_the_workloads_nuisance():
         "fetal": ["shadow"],
     }
     assert study.METHODS["recombine_nuisance"][1]["levers"][0]["args"]["tasks"] == "nuisance"  # not mutated
+    # the study's paper method keeps the paper's layout under the library's default one
+    assert {w: study.experiment(w, "paper", 0, True).adversary.layout for w in study.WORKLOADS} == dict.fromkeys(
+        study.WORKLOADS, "pair"
+    )
+    assert {w: study.experiment(w, "default", 0, True).adversary.layout for w in study.WORKLOADS} == dict.fromkeys(
+        study.WORKLOADS, "source"
+    )
     erasure = study.experiment("shapes", "erasure_cumulative", 0, True).levers[0]
     assert (erasure.name, erasure.args) == ("erasure", {"momentum": None})
     # shapes_n's intervention: the dark background's level in the data's own standardised units

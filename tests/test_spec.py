@@ -240,6 +240,9 @@ def test_presets():
     e = md.preset("paper_synthetic")
     assert e.input_shape == (1, 56, 72)
     assert e.adversary.weight == 0.01 and e.adversary.steps == 3
+    # the paper's one unconditional adversary per ordered pair, whatever the library's default layout
+    assert (e.adversary.layout, e.adversary.ensemble, e.adversary.conditional) == ("pair", 1, False)
+    assert md.preset("paper_fetal_us").adversary.layout == "pair" and md.AdversarySpec().layout == "source"
     assert e.training.optimizer.betas == (0.0, 0.9) and e.training.optimizer.lr == 1e-5
     assert md.preset("paper_synthetic", scale=1.0).input_shape == (1, 224, 288)
 
