@@ -26,7 +26,7 @@ from ._engine import TrainingInterrupted
 from ._errors import MtdisentError, SpecError
 from ._plots import FigureWarning, PlotsUnavailableError
 from ._registry import list_plugins
-from ._spec import Experiment, load_spec_file
+from ._spec import Experiment, load_spec_file, saved_experiment
 from .evaluation import format_mean_std
 
 __all__ = ["main", "apply_overrides"]
@@ -256,7 +256,7 @@ def _run_dir(arg: str | Path) -> _RunDir:
     if not isinstance(spec, dict):
         raise MtdisentError(f"{str(where)!r} does not hold an experiment (a JSON object); the run directory is damaged")
     try:  # objective and dataset plugins need not be installed to evaluate
-        experiment = Experiment.model_validate(spec, context={"skip_registry_checks": ("objective", "dataset")})
+        experiment = saved_experiment(spec)
     except SpecError as exc:
         problems = "; ".join(line.strip() for line in str(exc).splitlines()[1:]) or str(exc)
         raise SpecError(f"{str(where)!r} holds an invalid experiment: {problems}", exc.errors) from exc

@@ -654,6 +654,19 @@ class Experiment(SpecModel):
         return out
 
 
+def saved_experiment(data: Any) -> Experiment:
+    """The experiment a run saved (``spec.json``, a checkpoint's or model's ``experiment``), as it was trained.
+
+    Saved specs hold every field, so a field a spec lacks did not exist when it was written: it gets the value it
+    had then, not today's default. ``adversary.layout`` (``"source"`` by default since 2026-12-05) came after
+    runs whose adversaries were all one network per ordered pair, so such a spec reads ``"pair"``. Objective and
+    dataset plugins need not be installed (evaluating a saved model uses neither).
+    """
+    if isinstance(data, dict) and isinstance(data.get("adversary"), dict) and "layout" not in data["adversary"]:
+        data = {**data, "adversary": {**data["adversary"], "layout": "pair"}}
+    return Experiment.model_validate(data, context={"skip_registry_checks": ("objective", "dataset")})
+
+
 def load_spec(path: str | Path) -> Experiment:
     """Read an :class:`Experiment` from a JSON file or from a Python file that defines one.
 

@@ -186,6 +186,22 @@ def test_refuses_to_overwrite_and_resume_checks_the_spec(tmp_path):
         md.train(other, data=ToyDataset(), out_dir=tmp_path, resume=True, quiet=True)
 
 
+def test_a_run_saved_before_adversary_layout_existed_loads_as_it_was_trained(tmp_path):
+    # saved specs hold every field; one without adversary.layout predates it, when every adversary was per pair
+    e = toy_experiment(adversary={"layout": "pair", "features": "reuse"})
+    run = md.train(e, data={"train": ToyDataset(), "val": ToyDataset(40, seed=1)}, out_dir=tmp_path, quiet=True)
+    for name in ("model.json", "spec.json"):
+        saved = json.loads((tmp_path / name).read_text())
+        del saved.get("experiment", saved)["adversary"]["layout"]
+        (tmp_path / name).write_text(json.dumps(saved))
+    model = md.load(tmp_path)
+    assert model.experiment.adversary.layout == "pair" and {"a->b", "b->a"} <= set(model.adversaries.keys())
+    x = ToyDataset(8, seed=3).x
+    run.model.eval()
+    assert torch.equal(model.predict(x)["a"], run.model.predict(x)["a"])
+    assert md.AdversarySpec().layout == "source"  # a spec written today without the field gets today's default
+
+
 def test_load_gives_the_trained_model(tmp_path):
     run = md.train(
         toy_experiment(), data={"train": ToyDataset(), "val": ToyDataset(40, seed=1)}, out_dir=tmp_path, quiet=True

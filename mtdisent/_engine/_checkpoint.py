@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .._errors import MtdisentError
 from .._model import MultiTaskModel, build_model
-from .._spec import Experiment
+from .._spec import Experiment, saved_experiment
 
 __all__ = [
     "CheckpointError",
@@ -313,7 +313,7 @@ def export_model(run_dir: Path, model: MultiTaskModel, extra: dict[str, Any] | N
 
 def _inference_spec(data: Any) -> Experiment:
     """The experiment of a saved model; objective and dataset plugins need not be installed for inference."""
-    return Experiment.model_validate(data, context={"skip_registry_checks": ("objective", "dataset")})
+    return saved_experiment(data)
 
 
 def _model_from(
