@@ -379,7 +379,8 @@ def _cmd_compare(args: argparse.Namespace, console: Console) -> int:
     data_files = _DataFiles(args.data)
     data = [data_files.for_run(run) for run in run_dirs]
     for run, run_data in zip(run_dirs, data, strict=True):
-        key_spec = {k: v for k, v in run.spec.items() if k not in {"seed", "name"}}
+        saved = json.loads(run.experiment.model_dump_json())  # as trained (fields it predates filled in)
+        key_spec = {k: v for k, v in saved.items() if k not in {"seed", "name"}}
         key = json.dumps(key_spec, sort_keys=True)
         specs[key] = key_spec
         report = _evaluate_run(run, run_data, args.split, True, False)

@@ -205,8 +205,10 @@ def _networks(
 class MultiTaskModel(nn.Module):
     """Per-task encoders and classifiers plus one adversary per enabled ordered pair.
 
-    Modules are reachable by name: ``model.encoders["plane"]``, ``model.classifiers["plane"]``,
-    ``model.adversaries["plane->shadow"]`` (or ``model.adversary("plane", "shadow")``). With stacked heads
+    Modules are reachable by name: ``model.encoders["plane"]``, ``model.classifiers["plane"]``, and
+    ``model.adversary("plane", "shadow")`` for the adversary of a pair whatever the layout; ``model.adversaries``
+    holds the networks, named ``"plane->*"`` with ``adversary.layout="source"`` (the default) and
+    ``"plane->shadow"`` with ``"pair"``. With stacked heads
     (``experiment.execution.heads``) classifiers and adversaries are views into stacked weights; the
     ``state_dict`` has the same keys either way.
 

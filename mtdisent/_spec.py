@@ -357,7 +357,11 @@ class AdversaryPair(NamedTuple):
 
     @property
     def key(self) -> str:
-        """Key of this adversary in the model's ``adversaries``: ``"a->b"``, or ``"a->b#m"`` for member m > 0."""
+        """Name of the adversary: ``"a->b"``, or ``"a->b#m"`` for member m > 0.
+
+        It keys the adversary's logits; with ``adversary.layout="pair"`` it also keys its network in the model's
+        ``adversaries``.
+        """
         return self.pair_key if self.member == 0 else f"{self.pair_key}#{self.member}"
 
     @property
@@ -662,9 +666,15 @@ def saved_experiment(data: Any) -> Experiment:
     runs whose adversaries were all one network per ordered pair, so such a spec reads ``"pair"``. Objective and
     dataset plugins need not be installed (evaluating a saved model uses neither).
     """
+    context = {"skip_registry_checks": ("objective", "dataset")}
+    return Experiment.model_validate(upgrade_saved_spec(data), context=context)
+
+
+def upgrade_saved_spec(data: Any) -> Any:
+    """A saved spec's JSON with the fields it predates set as they were then (see :func:`saved_experiment`)."""
     if isinstance(data, dict) and isinstance(data.get("adversary"), dict) and "layout" not in data["adversary"]:
         data = {**data, "adversary": {**data["adversary"], "layout": "pair"}}
-    return Experiment.model_validate(data, context={"skip_registry_checks": ("objective", "dataset")})
+    return data
 
 
 def load_spec(path: str | Path) -> Experiment:

@@ -184,6 +184,31 @@ def test_refuses_to_overwrite_and_resume_checks_the_spec(tmp_path):
     other = e.model_copy(update={"seed": 5})
     with pytest.raises(md.CheckpointError, match="differs in seed"):
         md.train(other, data=ToyDataset(), out_dir=tmp_path, resume=True, quiet=True)
+    lr = e.model_copy(update={"training": e.training.model_copy(update={"l2": 0.5})})
+    with pytest.raises(md.CheckpointError, match=r"differs in training\.l2 \("):  # the field, not only its section
+        md.train(lr, data=ToyDataset(), out_dir=tmp_path, resume=True, quiet=True)
+
+
+def test_a_run_started_under_the_per_pair_default_resumes_with_it(tmp_path):
+    # a checkpoint whose spec predates adversary.layout: its adversaries were per pair, today's default is per source
+    e = toy_experiment(adversary={"layout": "pair"}, training={"iterations": 2, "checkpoint_every": 1})
+    md.train(e, data=ToyDataset(), out_dir=tmp_path, quiet=True)
+    for state in (tmp_path / "checkpoints").glob("iter-*/state.json"):
+        saved = json.loads(state.read_text())
+        del saved["experiment"]["adversary"]["layout"]
+        state.write_text(json.dumps(saved))
+    longer = {"iterations": 3, "checkpoint_every": 1}
+    today = toy_experiment(training=longer)  # no layout: today's default
+    with pytest.raises(md.CheckpointError, match=r"differs in adversary\.layout .*layout='pair'"):
+        md.train(today, data=ToyDataset(), out_dir=tmp_path, resume=True, quiet=True)
+    run = md.train(
+        toy_experiment(adversary={"layout": "pair"}, training=longer),
+        data=ToyDataset(),
+        out_dir=tmp_path,
+        resume=True,
+        quiet=True,
+    )
+    assert run.iteration == 3 and "a->b" in run.model.adversaries.keys()
 
 
 def test_a_run_saved_before_adversary_layout_existed_loads_as_it_was_trained(tmp_path):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 
 from .._errors import SpecError
+from .._spec import upgrade_saved_spec
 from ._checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -79,7 +80,7 @@ class Callback:
 # checkpoints
 # ----------------------------------------------------------------------------------------------------
 def _specs_differ(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Top-level fields in which two experiments differ.
+    """Fields in which two experiments differ: ``section.field`` within a section, else the top-level name.
 
     Training length, data loading and the final model's BatchNorm statistics may change on resume (none of them
     changes an iteration).
@@ -88,9 +89,10 @@ def _specs_differ(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     diffs = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
-        if key == "training" and isinstance(a, dict) and isinstance(b, dict):
-            a, b = {k: v for k, v in a.items() if k not in free}, {k: v for k, v in b.items() if k not in free}
-        if a != b:
+        if isinstance(a, dict) and isinstance(b, dict):
+            fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            diffs += [f"{key}.{k}" for k in fields if not (key == "training" and k in free)]
+        elif a != b:
             diffs.append(key)
     return diffs
 
@@ -140,11 +142,19 @@ class Checkpointer(Callback):
                     f"{str(latest)!r} was written by mtdisent 0.1 and cannot be resumed by this version (its model "
                     "still loads with md.load); pass restart=True to train from iteration 0"
                 )
-            diffs = _specs_differ(state["experiment"], json.loads(loop.experiment.model_dump_json()))
+            saved = upgrade_saved_spec(state["experiment"])
+            diffs = _specs_differ(saved, json.loads(loop.experiment.model_dump_json()))
             if diffs:
+                hint = (
+                    f"; this run was trained with adversary.layout={saved['adversary']['layout']!r} (the default "
+                    "was 'pair' before 2026-12-05 and is 'source' now): set it in the spec to resume"
+                    if "adversary.layout" in diffs
+                    else ""
+                )
                 raise CheckpointError(
                     f"cannot resume from {str(latest)!r}: the experiment differs in {', '.join(diffs)} "
                     "(only training.iterations, training.num_workers and training.batchnorm_stats may change on resume)"
+                    + hint
                 )
             loop.load_state(tensors, state, latest)
             self.resumed_from = latest
