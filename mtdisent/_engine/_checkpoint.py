@@ -311,11 +311,6 @@ def export_model(run_dir: Path, model: MultiTaskModel, extra: dict[str, Any] | N
     atomic_write_text(run_dir / "model.json", json.dumps(state, indent=1, sort_keys=True))
 
 
-def _inference_spec(data: Any) -> Experiment:
-    """The experiment of a saved model; objective and dataset plugins need not be installed for inference."""
-    return saved_experiment(data)
-
-
 def _model_from(
     tensors: dict[str, torch.Tensor], experiment: Experiment, input_shape: Any, where: Path
 ) -> MultiTaskModel:
@@ -364,7 +359,7 @@ def load_with_provenance(
     check_which(which)
     if (path / "state.json").is_file():  # a checkpoint directory
         tensors, state = read_checkpoint(path)
-        model = _model_from(tensors, _inference_spec(state["experiment"]), state.get("input_shape"), path)
+        model = _model_from(tensors, saved_experiment(state["experiment"]), state.get("input_shape"), path)
         return model.to(device).eval(), {
             "checkpoint": f"checkpoint {path.name}",
             "iteration": state.get("iteration"),
@@ -383,7 +378,7 @@ def load_with_provenance(
             tensors = load_file(str(tensor_file))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{str(tensor_file)!r} cannot be read: {exc}") from exc
-        model = _model_from(tensors, _inference_spec(meta["experiment"]), meta.get("input_shape"), tensor_file)
+        model = _model_from(tensors, saved_experiment(meta["experiment"]), meta.get("input_shape"), tensor_file)
         return model.to(device).eval(), {"checkpoint": "final", "iteration": meta.get("iteration")}
     if which == "best" and (path / "checkpoints" / "best").is_dir():
         model, info = load_with_provenance(path / "checkpoints" / "best", device=device)
