@@ -52,8 +52,7 @@ def _paper_synthetic(scale: float = 0.25, **overrides: Any) -> Experiment:
             "hflip": True,
         },
     }
-    spec.update(overrides)
-    return Experiment.model_validate(spec)
+    return Experiment.model_validate(_overridden(spec, overrides))
 
 
 def _paper_fetal_us(**overrides: Any) -> Experiment:
@@ -71,8 +70,7 @@ def _paper_fetal_us(**overrides: Any) -> Experiment:
         ],
     )
     base["adversary"]["steps"] = 5
-    base.update(overrides)
-    return Experiment.model_validate(base)
+    return Experiment.model_validate(_overridden(base, overrides))
 
 
 def _fetal_us_cpu(
@@ -111,8 +109,22 @@ def _fetal_us_cpu(
         },
         "seed": seed,
     }
-    spec.update(overrides)
-    return Experiment.model_validate(spec)
+    return Experiment.model_validate(_overridden(spec, overrides))
+
+
+def _overridden(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with ``overrides`` applied, a dict merged into the section (or sub-section) it names.
+
+    So ``adversary={"weight": 0.1}`` keeps the rest of the preset's adversary; a component (``{"name": ...}``)
+    naming another component, and any other value (a list, a spec object), replaces what was there.
+    """
+    out = dict(spec)
+    for key, value in overrides.items():
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == old.get("name"):
+            value = _overridden(old, value)
+        out[key] = value
+    return out
 
 
 presets: dict[str, Callable[..., Experiment]] = {
@@ -123,7 +135,12 @@ presets: dict[str, Callable[..., Experiment]] = {
 
 
 def preset(name: str, **kwargs: Any) -> Experiment:
-    """Build the named preset experiment; keyword arguments override its fields (or ``scale``)."""
+    """Build the named preset experiment; keyword arguments override its fields (or ``scale``, ``seed``, ...).
+
+    A dict merges into the section it names (``md.preset("paper_synthetic", adversary={"weight": 0.1})`` keeps
+    the paper's other adversary settings, its per-pair layout included); a component naming another component
+    (``backbone={"name": "timm", ...}``), a list or a spec object replaces the section.
+    """
     if name not in presets:
         raise UnknownComponentError(f"Unknown preset {name!r}. {did_you_mean(name, presets)}")
     return presets[name](**kwargs)

@@ -247,6 +247,19 @@ def test_presets():
     assert md.preset("paper_synthetic", scale=1.0).input_shape == (1, 224, 288)
 
 
+@pytest.mark.parametrize("name", ["paper_synthetic", "paper_fetal_us"])
+def test_a_preset_override_changes_only_the_fields_it_names(name):
+    base = md.preset(name)
+    e = md.preset(name, adversary={"weight": 0.1}, training={"iterations": 7, "optimizer": {"lr": 3e-4}})
+    assert e.adversary == base.adversary.model_copy(update={"weight": 0.1})  # the paper's layout and members kept
+    assert (e.training.iterations, e.training.optimizer.lr, e.training.optimizer.betas) == (7, 3e-4, (0.0, 0.9))
+    assert e.training.l2 == base.training.l2 and e.tasks == base.tasks
+    # another component, a list or a spec object replaces what was there
+    other = md.preset(name, adversary={"objective": {"name": "hsic", "args": {}}}, head={"hidden": [32]})
+    assert other.adversary.objective.name == "hsic" and other.head.hidden == [32]
+    assert md.preset(name, adversary=md.AdversarySpec()).adversary == md.AdversarySpec()
+
+
 @pytest.mark.parametrize("scale", [0.125, 0.2, 0.25, 0.3125, 0.5, 1.0])
 def test_paper_synthetic_preset_matches_the_shapes_dataset_size(scale):
     # 0.125 gives 28 x 36, where half-to-even rounding would disagree with the dataset's half-up rule
