@@ -323,6 +323,9 @@ def test_machine_info_names_the_cpu_and_its_instruction_sets(tmp_path, monkeypat
     )
     assert _machine._cpuinfo(str(cpuinfo)) == ("Test CPU", ["avx2", "fma", "avx512f", "avx512_bf16"])
     assert _machine._cpuinfo(str(tmp_path / "absent")) == (None, None)
+    arm = tmp_path / "arm"  # Arm Linux lists "Features" and no model name
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve sve2 svebf16 bf16 i8mm\n")
+    assert _machine._cpuinfo(str(arm)) == (None, ["asimd", "sve", "sve2", "bf16"])
     monkeypatch.setattr(_machine, "_cpuinfo", lambda: ("Test CPU", ["avx2"]))
     info = md.machine_info()
     assert info["cpu"] == "Test CPU" and info["cpu_flags"] == ["avx2"]
