@@ -13,8 +13,10 @@ Sections (``--only`` picks some):
   the fast path against the reference loop: the same losses over 20 iterations. The run stops if a gate fails.
 * ``ratio``: the targets' points, 1 x 64 x 64, batch 50, k = 5, reused features, the paper's one unconditional
   adversary per ordered pair, N = 2, 4, 8. *fast* = stacked heads + the Gram shortcut (the library's execution
-  defaults); *naive* = the fair reference loop (one module per head, Python loops, adversary weights out of the
-  main step's graph, foreach optimisers, the same reused features). Timed alternately, medians.
+  defaults) and its default memory layout (channels-last encoders on a CPU); *naive* = the fair reference loop
+  (one module per head, Python loops, adversary weights out of the main step's graph, foreach optimisers, the same
+  reused features) with contiguous tensors, and timed beside them the same loop channels-last. Timed alternately,
+  medians.
 * ``default``: the library's default adversaries against the paper's at N = 8 (both fast), with four variants of
   the default timed beside them (one network per ordered pair, the default before 2026-12-05; members 86 wide; one
   member; one network per pair whose members share their hidden layer).
@@ -23,7 +25,8 @@ Sections (``--only`` picks some):
   sharing their hidden layer (``adversary.layout``).
 * ``memory``: the default settings at 1 x 224 x 288 train (3 iterations, batch 50) for N = 2, 4, 8, each in a
   fresh process: peak resident memory and seconds per iteration.
-* ``main``: the main step's options at N = 4, 64 x 64: channels_last, ``torch.compile``, bf16 autocast, threads.
+* ``main``: the main step's options at N = 4, 64 x 64: channels_last, ``torch.compile``, bf16 autocast, threads;
+  channels-last against contiguous encoders at every N and over whole iterations of the study's three workloads.
 * ``loader``: a disk dataset (``csv_images``, PNGs at 224 x 288): training-feed images per second with
   ``training.num_workers`` 0, 1, 2.
 * ``demo``: ``mtdisent demo`` (the README's main job, target <= 5 minutes on 2 cores) in a fresh process and an
@@ -206,17 +209,19 @@ def ratio(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for n in args.tasks:
         data = data_for(n, args.size)
-        loops = {
+        loops = {  # fast: the library's defaults; naive: a plain loop's contiguous tensors, and channels-last
             "fast": loop_for(spec(n, args.size, adversary=PAPER_ADVERSARY), data),
-            "naive": loop_for(spec(n, args.size, fast=False, adversary=PAPER_ADVERSARY), data),
+            "naive": loop_for(spec(n, args.size, fast=False, adversary=PAPER_ADVERSARY, channels_last=False), data),
+            "naive_cl": loop_for(spec(n, args.size, fast=False, adversary=PAPER_ADVERSARY, channels_last=True), data),
         }
         t = side_by_side(loops, args.repeats)
         row = {"tasks": n, **t, "ratio": t["fast"]["iteration_s"] / t["naive"]["iteration_s"]}
+        row["ratio_naive_cl"] = t["fast"]["iteration_s"] / t["naive_cl"]["iteration_s"]
         row["fast_images_per_s"] = 50 / t["fast"]["iteration_s"]
         rows.append(row)
         print(
             f"ratio N={n}: fast {t['fast']['iteration_s']:.3f} s, naive {t['naive']['iteration_s']:.3f} s, "
-            f"{row['ratio']:.2f}",
+            f"{row['ratio']:.2f} (against the naive loop with channels-last: {row['ratio_naive_cl']:.2f})",
             flush=True,
         )
     return rows
@@ -332,11 +337,16 @@ def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main_step(args: argparse.Namespace) -> dict[str, Any]:
     n = 4 if 4 in args.tasks else args.tasks[0]
     data = data_for(n, args.size)
-    variants = {
-        "baseline": {},
+    variants = {  # each against contiguous tensors, the layout before 2026-12-05 (channels-last by default on CPUs)
+        "baseline": {"channels_last": False},
         "channels_last": {"channels_last": True},
-        "compile": {"compile": True},
-        **({"bf16": {"amp": "bf16"}} if RUN_ON["amp"] == "off" else {"float32": {"amp": "off"}}),
+        "compile": {"compile": True, "channels_last": False},
+        "compile + channels_last": {"compile": True, "channels_last": True},
+        **(
+            {"bf16": {"amp": "bf16", "channels_last": False}}
+            if RUN_ON["amp"] == "off"
+            else {"float32": {"amp": "off", "channels_last": False}}
+        ),
     }
     loops = {
         k: loop_for(spec(n, args.size, adversary={**PAPER_ADVERSARY, "steps": 0}, **v), data)
@@ -351,7 +361,34 @@ def main_step(args: argparse.Namespace) -> dict[str, Any]:
         per_threads[th] = side_by_side({"baseline": loops["baseline"]}, args.repeats, warmup=1)["baseline"]["main_s"]
     torch.set_num_threads(threads)
     out["threads"] = per_threads
+    # channels-last against contiguous at every N, and over whole iterations of the study's three workloads
+    by_n = {}
+    for k in args.tasks:
+        main_only = {**PAPER_ADVERSARY, "steps": 0}
+        pair = {
+            f"{name}_s": loop_for(spec(k, args.size, adversary=main_only, channels_last=cl), data_for(k, args.size))
+            for name, cl in (("contiguous", False), ("channels_last", True))
+        }
+        by_n[k] = {name: t["main_s"] for name, t in side_by_side(pair, args.repeats, warmup=2).items()}
+    out["channels_last_by_n"] = by_n
+    out["channels_last_workloads"] = channels_last_workloads(args)
     print(f"main step N={n}: {out}", flush=True)
+    return out
+
+
+def channels_last_workloads(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Whole iterations of the disentanglement study's workloads (its default method), contiguous and channels-last."""
+    import disentangle
+
+    out = {}
+    for workload in ("shapes_n", "shapes", "fetal"):
+        e = disentangle.experiment(workload, "default", 0, args.quick).model_dump(mode="json")
+        data = md.datasets.create(e["data"]["name"], e["data"]["args"])
+        pair = {}
+        for name, cl in (("contiguous", False), ("channels_last", True)):
+            s = {**e, "training": {**e["training"], **RUN_ON, "channels_last": cl}}
+            pair[f"{name}_s"] = build_loop(md.Experiment.model_validate(s), data)
+        out[workload] = {name: t["iteration_s"] for name, t in side_by_side(pair, 3 * args.repeats, warmup=3).items()}
     return out
 
 
@@ -521,9 +558,13 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             f"## Iteration time: fast / naive (1 x {h} x {w}, batch 50, k = 5, reuse, one adversary per pair, {where})",
             "",
+            "*fast*: the library's defaults (on a CPU the encoders channels-last, `training.channels_last=\"auto\"`); "
+            "*naive*: the reference loop with contiguous tensors, as a plain loop has them; the last column times "
+            "the naive loop channels-last too.",
+            "",
             "| N | fast s | naive s | **ratio** | target | fast main / adversary s | naive main / adversary s "
-            "| fast images / s |",
-            "|---|---|---|---|---|---|---|---|",
+            "| fast images / s | ratio against naive channels-last |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         targets = {2: 0.8, 4: 0.5, 8: 0.3}
         for r in result["ratio"]:
@@ -531,7 +572,8 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['tasks']} | {f['iteration_s']:.3f} | {nv['iteration_s']:.3f} | **{r['ratio']:.2f}** | "
                 f"<= {targets.get(r['tasks'], '-')} | {f['main_s']:.3f} / {f['adversary_s']:.3f} | "
-                f"{nv['main_s']:.3f} / {nv['adversary_s']:.3f} | {50 / f['iteration_s']:.0f} |"
+                f"{nv['main_s']:.3f} / {nv['adversary_s']:.3f} | {50 / f['iteration_s']:.0f} | "
+                + (f"{r['ratio_naive_cl']:.2f} |" if "ratio_naive_cl" in r else "- |")
             )
         rows = {r["tasks"]: r["fast"]["iteration_s"] for r in result["ratio"]}
         if len(rows) > 1:
@@ -608,6 +650,23 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"| {k} | {v:.3f} |" for k, v in m["variants"].items()]
         lines += [f"| threads = {k} | {v:.3f} |" for k, v in m["threads"].items()]
         lines.append("")
+        if "channels_last_by_n" in m:
+            lines += [
+                "Channels-last against contiguous encoders (the default of `training.channels_last=\"auto\"` on a "
+                "CPU since 2026-12-05), timed alternately in this run: the main step at each N, and whole iterations "
+                "of the disentanglement study's workloads (its default method, seed 0).",
+                "",
+                "| setting | contiguous s | channels-last s | **channels-last / contiguous** |",
+                "|---|---|---|---|",
+            ]
+            rows = [(f"main step, N = {k}", v) for k, v in m["channels_last_by_n"].items()]
+            rows += [(f"iteration, `{k}`", v) for k, v in m["channels_last_workloads"].items()]
+            lines += [
+                f"| {k} | {v['contiguous_s']:.3f} | {v['channels_last_s']:.3f} | "
+                f"**{v['channels_last_s'] / v['contiguous_s']:.2f}** |"
+                for k, v in rows
+            ]
+            lines.append("")
     if "profile" in result:
         p = result["profile"]
         busy = f", device busy {p['device_busy_s']:.3f} s" if "device_busy_s" in p else ""

@@ -483,7 +483,9 @@ class TrainingSpec(SpecModel):
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         amp: Mixed precision: ``"auto"`` (bf16 autocast on CUDA, off on CPU), ``"bf16"`` or ``"off"``.
         compile: Run the encoders through ``torch.compile``.
-        channels_last: Run the encoders in the channels-last memory format (NHWC).
+        channels_last: Run the encoders in the channels-last memory format (NHWC): ``"auto"`` (on the CPU, where
+            it was measured faster on every workload and N of ``benchmarks/speed.py``; off elsewhere until measured
+            there), ``True`` or ``False``. Only the memory layout changes: results agree to float rounding.
         sync_batchnorm: Under torchrun on CUDA, BatchNorm statistics over the global batch (SyncBatchNorm).
         checkpoint_every: Write a checkpoint every this many iterations (and at the end).
         keep_last: Checkpoints kept besides the best one.
@@ -522,7 +524,7 @@ class TrainingSpec(SpecModel):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     amp: Literal["auto", "bf16", "off"] = "auto"
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool | Literal["auto"] = "auto"
     sync_batchnorm: bool = False
     checkpoint_every: int = Field(default=500, ge=1)
     keep_last: int = Field(default=2, ge=1)
@@ -658,13 +660,21 @@ class Experiment(SpecModel):
         return out
 
 
+# defaults that changed: (section, field) -> (the value before, the date it changed). A saved spec that lacks such a
+# field predates it, so it reads the value before; a resume refused over one says so.
+CHANGED_DEFAULTS: dict[tuple[str, str], tuple[Any, str]] = {
+    ("adversary", "layout"): ("pair", "2026-12-05"),  # one network per ordered pair -> one per source task
+    ("training", "channels_last"): (False, "2026-12-05"),  # -> "auto" (channels-last encoders on the CPU)
+}
+
+
 def saved_experiment(data: Any) -> Experiment:
     """The experiment a run saved (``spec.json``, a checkpoint's or model's ``experiment``), as it was trained.
 
     Saved specs hold every field, so a field a spec lacks did not exist when it was written: it gets the value it
-    had then, not today's default. ``adversary.layout`` (``"source"`` by default since 2026-12-05) came after
-    runs whose adversaries were all one network per ordered pair, so such a spec reads ``"pair"``. Objective and
-    dataset plugins need not be installed (evaluating a saved model uses neither).
+    had then, not today's default (:data:`CHANGED_DEFAULTS`). ``adversary.layout`` (``"source"`` by default since
+    2026-12-05) came after runs whose adversaries were all one network per ordered pair, so such a spec reads
+    ``"pair"``. Objective and dataset plugins need not be installed (evaluating a saved model uses neither).
     """
     context = {"skip_registry_checks": ("objective", "dataset")}
     return Experiment.model_validate(upgrade_saved_spec(data), context=context)
@@ -672,9 +682,23 @@ def saved_experiment(data: Any) -> Experiment:
 
 def upgrade_saved_spec(data: Any) -> Any:
     """A saved spec's JSON with the fields it predates set as they were then (see :func:`saved_experiment`)."""
-    if isinstance(data, dict) and isinstance(data.get("adversary"), dict) and "layout" not in data["adversary"]:
-        data = {**data, "adversary": {**data["adversary"], "layout": "pair"}}
+    for (section, field), (before, _) in CHANGED_DEFAULTS.items():
+        if isinstance(data, dict) and isinstance(data.get(section), dict) and field not in data[section]:
+            data = {**data, section: {**data[section], field: before}}
     return data
+
+
+def changed_default_hint(saved: dict[str, Any], fields: list[str]) -> str:
+    """For a resume refused over ``fields`` (``section.field``): which of them had another default when it ran."""
+    hints = []
+    for (section, field), (before, when) in CHANGED_DEFAULTS.items():
+        if f"{section}.{field}" in fields:
+            now = getattr(Experiment.model_fields[section].default_factory(), field)  # type: ignore[call-arg, misc]
+            hints.append(
+                f"this run was trained with {section}.{field}={saved[section][field]!r} (the default was {before!r} "
+                f"before {when} and is {now!r} now)"
+            )
+    return "; " + "; ".join(hints) + ": set it in the spec to resume" if hints else ""
 
 
 def load_spec(path: str | Path) -> Experiment:

@@ -180,6 +180,7 @@ def test_speed_benchmark_quick_gates_and_reports(tmp_path):
         assert gate["gram_weights_median"] <= 1e-5 and gate["gram_weights"] <= 1e-3 and gate["naive_loss"] <= 2e-3
     for r in result["ratio"]:
         assert r["ratio"] == pytest.approx(r["fast"]["iteration_s"] / r["naive"]["iteration_s"])
+        assert r["ratio_naive_cl"] == pytest.approx(r["fast"]["iteration_s"] / r["naive_cl"]["iteration_s"])
     d = result["default"]  # the default, the paper's and its variants, timed in one run
     assert set(d["variant_ratios"]) == {"pair", "narrow", "single", "shared"}
     assert d["variants"]["narrow"] == {"ensemble": 3, "head": {"hidden": [86]}} and d["variants"]["single"] == {

@@ -211,6 +211,22 @@ def test_a_run_started_under_the_per_pair_default_resumes_with_it(tmp_path):
     assert run.iteration == 3 and "a->b" in run.model.adversaries.keys()
 
 
+def test_a_run_started_with_contiguous_encoders_resumes_with_them(tmp_path):
+    # channels_last was False by default before 2026-12-05 ("auto" since); a checkpoint older than the field reads False
+    e = toy_experiment(training={"iterations": 2, "checkpoint_every": 1, "channels_last": False})
+    md.train(e, data=ToyDataset(), out_dir=tmp_path, quiet=True)
+    state = sorted((tmp_path / "checkpoints").glob("iter-*/state.json"))[-1]
+    saved = json.loads(state.read_text())
+    del saved["experiment"]["training"]["channels_last"]
+    state.write_text(json.dumps(saved))
+    longer = {"iterations": 3, "checkpoint_every": 1}
+    hint = r"training\.channels_last .*channels_last=False \(the default was False before 2026-12-05 and is 'auto'"
+    with pytest.raises(md.CheckpointError, match="differs in " + hint):
+        md.train(toy_experiment(training=longer), data=ToyDataset(), out_dir=tmp_path, resume=True, quiet=True)
+    contiguous = toy_experiment(training={**longer, "channels_last": False})
+    assert md.train(contiguous, data=ToyDataset(), out_dir=tmp_path, resume=True, quiet=True).iteration == 3
+
+
 def test_a_run_saved_before_adversary_layout_existed_loads_as_it_was_trained(tmp_path):
     # saved specs hold every field; one without adversary.layout predates it, when every adversary was per pair
     e = toy_experiment(adversary={"layout": "pair", "features": "reuse"})

@@ -261,8 +261,16 @@ def test_pair_shared_gram_steps_equal_plain_steps_across_reinitialisations():
     assert_same_training(gram, plain, 5)
 
 
-def test_channels_last_encoders_compute_the_same():
-    a, b = (build_loop(toy_experiment(training={"channels_last": cl}), {"train": ToyDataset()}) for cl in (False, True))
+@pytest.mark.parametrize("setting", [True, "auto"])  # "auto": channels-last on the CPU
+def test_channels_last_encoders_compute_the_same(setting):
+    experiments = [toy_experiment(training={"channels_last": c}) for c in (False, setting)]
+    loops = [build_loop(e, {"train": ToyDataset()}) for e in experiments]
+    convs = [
+        next(m for m in lp.model.encoders.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+        for lp in loops
+    ]
+    assert [c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs] == [False, True]
+    a, b = loops
     for _ in range(3):
         assert iterate(a)["loss/main"] == pytest.approx(iterate(b)["loss/main"], rel=1e-5)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 
 from .._errors import SpecError
-from .._spec import upgrade_saved_spec
+from .._spec import changed_default_hint, upgrade_saved_spec
 from ._checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -145,16 +145,10 @@ class Checkpointer(Callback):
             saved = upgrade_saved_spec(state["experiment"])
             diffs = _specs_differ(saved, json.loads(loop.experiment.model_dump_json()))
             if diffs:
-                hint = (
-                    f"; this run was trained with adversary.layout={saved['adversary']['layout']!r} (the default "
-                    "was 'pair' before 2026-12-05 and is 'source' now): set it in the spec to resume"
-                    if "adversary.layout" in diffs
-                    else ""
-                )
                 raise CheckpointError(
                     f"cannot resume from {str(latest)!r}: the experiment differs in {', '.join(diffs)} "
                     "(only training.iterations, training.num_workers and training.batchnorm_stats may change on resume)"
-                    + hint
+                    + changed_default_hint(saved, diffs)
                 )
             loop.load_state(tensors, state, latest)
             self.resumed_from = latest

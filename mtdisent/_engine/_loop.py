@@ -187,6 +187,8 @@ class Loop:
             if self.dist.enabled:  # DDP broadcasts buffers before each forward; align the last statistics too
                 for buffer in self.model.buffers():
                     torch.distributed.broadcast(buffer, src=0)
+            # the final model in the layout md.load gives it (channels-last encoders compute within rounding of it)
+            self.model.encoders.to(memory_format=torch.contiguous_format)
             self.checkpointer.write_last(self)  # with the running statistics: what resuming continues from
             if tr.batchnorm_stats == "recompute":  # every rank the same full pass: the same statistics
                 self._recompute_batchnorm()

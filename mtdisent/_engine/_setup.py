@@ -156,8 +156,9 @@ def prepare(
     autocast: Callable[[], Any] = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     )
-    memory_format = torch.channels_last if tr.channels_last else torch.contiguous_format
-    if tr.channels_last:
+    channels_last = tr.channels_last is True or (tr.channels_last == "auto" and device.type == "cpu")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
         model.encoders.to(memory_format=memory_format)
     encoders: dict[str, Any] = dict(model.encoders.items())
     if tr.compile:
