@@ -116,13 +116,16 @@ def _overridden(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
     """``spec`` with ``overrides`` applied, a dict merged into the section (or sub-section) it names.
 
     So ``adversary={"weight": 0.1}`` keeps the rest of the preset's adversary; a component (``{"name": ...}``)
-    naming another component, and any other value (a list, a spec object), replaces what was there.
+    naming another component, a component's ``args`` (its keyword arguments, a whole), and any other value (a list,
+    a spec object) replace what was there.
     """
     out = dict(spec)
     for key, value in overrides.items():
         old = out.get(key)
-        if isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == old.get("name"):
-            value = _overridden(old, value)
+        # a component's args are one call's keyword arguments: merged, they could mix settings that belong together
+        if key != "args" and isinstance(value, dict) and isinstance(old, dict):
+            if value.get("name", old.get("name")) == old.get("name"):
+                value = _overridden(old, value)
         out[key] = value
     return out
 
@@ -139,7 +142,7 @@ def preset(name: str, **kwargs: Any) -> Experiment:
 
     A dict merges into the section it names (``md.preset("paper_synthetic", adversary={"weight": 0.1})`` keeps
     the paper's other adversary settings, its per-pair layout included); a component naming another component
-    (``backbone={"name": "timm", ...}``), a list or a spec object replaces the section.
+    (``backbone={"name": "timm", ...}``), a component's ``args``, a list or a spec object replaces what was there.
     """
     if name not in presets:
         raise UnknownComponentError(f"Unknown preset {name!r}. {did_you_mean(name, presets)}")

@@ -692,7 +692,7 @@ def changed_default_hint(saved: dict[str, Any], fields: list[str]) -> str:
     """For a resume refused over ``fields`` (``section.field``): which of them had another default when it ran."""
     hints = []
     for (section, field), (before, when) in CHANGED_DEFAULTS.items():
-        if f"{section}.{field}" in fields:
+        if f"{section}.{field}" in fields and saved[section][field] == before:
             now = getattr(Experiment.model_fields[section].default_factory(), field)  # type: ignore[call-arg, misc]
             hints.append(
                 f"this run was trained with {section}.{field}={saved[section][field]!r} (the default was {before!r} "

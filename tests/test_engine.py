@@ -225,6 +225,16 @@ def test_a_run_started_with_contiguous_encoders_resumes_with_them(tmp_path):
         md.train(toy_experiment(training=longer), data=ToyDataset(), out_dir=tmp_path, resume=True, quiet=True)
     contiguous = toy_experiment(training={**longer, "channels_last": False})
     assert md.train(contiguous, data=ToyDataset(), out_dir=tmp_path, resume=True, quiet=True).iteration == 3
+    # "auto" is compared as the layout it gives: a run saved with "auto" on the CPU resumes with True; not with False,
+    # and then without the changed-default hint (it was not trained under the old default)
+    auto = tmp_path / "auto"
+    first = toy_experiment(training={"iterations": 2, "checkpoint_every": 1})
+    md.train(first, data=ToyDataset(), out_dir=auto, quiet=True)
+    explicit = toy_experiment(training={**longer, "channels_last": True})
+    assert md.train(explicit, data=ToyDataset(), out_dir=auto, resume=True, quiet=True).iteration == 3
+    with pytest.raises(md.CheckpointError, match=r"differs in training\.channels_last \(only") as refused:
+        md.train(contiguous, data=ToyDataset(), out_dir=auto, resume=True, quiet=True)
+    assert "the default was" not in str(refused.value)
 
 
 def test_a_run_saved_before_adversary_layout_existed_loads_as_it_was_trained(tmp_path):

@@ -258,6 +258,8 @@ def test_a_preset_override_changes_only_the_fields_it_names(name):
     other = md.preset(name, adversary={"objective": {"name": "hsic", "args": {}}}, head={"hidden": [32]})
     assert other.adversary.objective.name == "hsic" and other.head.hidden == [32]
     assert md.preset(name, adversary=md.AdversarySpec()).adversary == md.AdversarySpec()
+    backbone = md.preset(name, backbone={"args": {"filters": [8, 16]}}).backbone  # args are one call's, not merged
+    assert (backbone.name, backbone.args) == ("dltk_residual", {"filters": [8, 16]})
 
 
 @pytest.mark.parametrize("scale", [0.125, 0.2, 0.25, 0.3125, 0.5, 1.0])

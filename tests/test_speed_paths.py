@@ -275,6 +275,34 @@ def test_channels_last_encoders_compute_the_same(setting):
         assert iterate(a)["loss/main"] == pytest.approx(iterate(b)["loss/main"], rel=1e-5)
 
 
+class _Flattening(torch.nn.Module):
+    """A user's encoder that flattens with .view, which a channels-last map does not allow."""
+
+    num_features = 4 * 16 * 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.view(y.shape[0], -1)
+
+
+def test_channels_last_auto_keeps_an_encoder_that_cannot_take_it_contiguous(monkeypatch):
+    from mtdisent._engine import _setup
+
+    e = toy_experiment()
+    model = md.build_model(e)
+    for task in model.encoders:
+        model.encoders[task] = _Flattening()
+    assert not _setup._channels_last(model, "auto", torch.device("cpu"))
+    assert model.encoders["a"].conv.weight.is_contiguous()  # put back, and nothing ran in training mode
+    with pytest.raises(md.SpecError, match=r"training\.channels_last=true: the encoder of task 'a' fails"):
+        _setup._channels_last(model, True, torch.device("cpu"))
+    assert not _setup._channels_last(model, "auto", torch.device("cuda"))  # off there until measured
+
+
 @pytest.mark.parametrize("a", [0.97, 0.3])  # 0.3: W_0 nearly gone from W_k, the momentum is formed from W_0 first
 @pytest.mark.parametrize("carried", [True, False])
 def test_materialised_first_layer_is_the_closed_form(a, carried):

@@ -142,8 +142,12 @@ class Checkpointer(Callback):
                     f"{str(latest)!r} was written by mtdisent 0.1 and cannot be resumed by this version (its model "
                     "still loads with md.load); pass restart=True to train from iteration 0"
                 )
-            saved = upgrade_saved_spec(state["experiment"])
-            diffs = _specs_differ(saved, json.loads(loop.experiment.model_dump_json()))
+            saved = dict(upgrade_saved_spec(state["experiment"]))
+            current = json.loads(loop.experiment.model_dump_json())
+            for spec in (saved, current):  # "auto" compared as the layout it gives here: only a real change refused
+                if spec["training"].get("channels_last") == "auto":
+                    spec["training"] = {**spec["training"], "channels_last": loop.setup.channels_last}
+            diffs = _specs_differ(saved, current)
             if diffs:
                 raise CheckpointError(
                     f"cannot resume from {str(latest)!r}: the experiment differs in {', '.join(diffs)} "

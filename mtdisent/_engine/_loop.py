@@ -166,6 +166,8 @@ class Loop:
         tr = self.experiment.training
         eval_every = tr.eval_every or tr.checkpoint_every
         try:
+            if self.setup.channels_last:  # again, when a stopped loop runs on (the final model is contiguous)
+                self.model.encoders.to(memory_format=torch.channels_last)
             self._call("on_train_start")
             while self.iteration < tr.iterations:
                 metrics: dict[str, Any] = self.step.update(self.iteration)

@@ -89,6 +89,7 @@ class Setup:
         adversaries: All adversaries, DDP-wrapped when distributed (gradients synchronised).
         adversaries_plain: The same without the wrapper: the main step runs these when the adversaries do not
             learn in it, so no gradient is computed or synchronised for them there.
+        channels_last: Whether the encoders run channels-last (``training.channels_last`` resolved here).
     """
 
     device: torch.device
@@ -98,6 +99,36 @@ class Setup:
     main_net: nn.Module
     adversaries: nn.Module
     adversaries_plain: nn.Module
+    channels_last: bool = False
+
+
+def _channels_last(model: MultiTaskModel, setting: bool | str, device: torch.device) -> bool:
+    """Whether the encoders run channels-last: ``True``, or ``"auto"`` on a CPU, if every encoder takes it.
+
+    One forward of two blank images in eval mode (no statistics move, nothing random is drawn) finds an encoder
+    that cannot (a ``.view`` of a channels-last map); ``"auto"`` then keeps the contiguous layout, ``True`` is refused.
+    """
+    if setting is False or (setting == "auto" and device.type != "cpu"):
+        return False
+    x = torch.zeros(2, *model.input_shape, device=device).contiguous(memory_format=torch.channels_last)
+    training = model.training
+    model.encoders.to(memory_format=torch.channels_last).eval()
+    try:
+        with torch.no_grad():
+            for task, encoder in model.encoders.items():
+                try:
+                    encoder(x)
+                except RuntimeError as exc:
+                    model.encoders.to(memory_format=torch.contiguous_format)
+                    if setting is True:
+                        raise SpecError(
+                            f"training.channels_last=true: the encoder of task {task!r} fails on channels-last "
+                            f"inputs ({str(exc).splitlines()[0]}); set it to 'auto' or false"
+                        ) from None
+                    return False
+    finally:
+        model.train(training)
+    return True
 
 
 def _check_training_memory(model: MultiTaskModel, experiment: Experiment, device: torch.device, world: int) -> None:
@@ -156,10 +187,8 @@ def prepare(
     autocast: Callable[[], Any] = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     )
-    channels_last = tr.channels_last is True or (tr.channels_last == "auto" and device.type == "cpu")
+    channels_last = _channels_last(model, tr.channels_last, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        model.encoders.to(memory_format=memory_format)
     encoders: dict[str, Any] = dict(model.encoders.items())
     if tr.compile:
         encoders = {t: torch.compile(m) for t, m in encoders.items()}
@@ -178,4 +207,4 @@ def prepare(
         main_net = DDP(main_net, device_ids=ids)
         if model.adversary_parameters():
             adversaries = DDP(plain, device_ids=ids)
-    return model, Setup(device, dist, autocast, encode, main_net, adversaries, plain)
+    return model, Setup(device, dist, autocast, encode, main_net, adversaries, plain, channels_last)
