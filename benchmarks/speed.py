@@ -68,6 +68,7 @@ CUDA_SWITCHES = ("CUDA_LAUNCH_BLOCKING", "PYTORCH_NO_CUDA_MEMORY_CACHING", "PYTO
 SECTIONS = ("gates", "ratio", "default", "layout", "memory", "main", "loader", "profile", "demo")
 # the study's `paper` method (one plain adversary per pair), its width pinned at the paper's 256
 PAPER_ADVERSARY = {**METHODS["paper"][1]["adversary"], "head": {"hidden": [256]}}
+MAIN_ONLY = {**PAPER_ADVERSARY, "steps": 0}  # the main-step sections: no adversary step is timed
 RUN_ON = {"device": "cpu", "amp": "off"}  # where every loop runs (main() sets it from --gpu)
 
 
@@ -349,7 +350,7 @@ def main_step(args: argparse.Namespace) -> dict[str, Any]:
         ),
     }
     loops = {
-        k: loop_for(spec(n, args.size, adversary={**PAPER_ADVERSARY, "steps": 0}, **v), data)
+        k: loop_for(spec(n, args.size, adversary=MAIN_ONLY, **v), data)
         for k, v in variants.items()
     }
     t = side_by_side(loops, args.repeats, warmup=3)
@@ -364,9 +365,8 @@ def main_step(args: argparse.Namespace) -> dict[str, Any]:
     # channels-last against contiguous at every N, and over whole iterations of the study's three workloads
     by_n = {}
     for k in args.tasks:
-        main_only = {**PAPER_ADVERSARY, "steps": 0}
         pair = {
-            f"{name}_s": loop_for(spec(k, args.size, adversary=main_only, channels_last=cl), data_for(k, args.size))
+            f"{name}_s": loop_for(spec(k, args.size, adversary=MAIN_ONLY, channels_last=cl), data_for(k, args.size))
             for name, cl in (("contiguous", False), ("channels_last", True))
         }
         by_n[k] = {name: t["main_s"] for name, t in side_by_side(pair, args.repeats, warmup=2).items()}
