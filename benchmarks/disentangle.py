@@ -83,6 +83,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
         "the default plus conditional erasure on exact cumulative cell means (momentum=None)",
         {"levers": [{"name": "erasure", "args": {"momentum": None}}]},
     ),
+    "erase_after": (
+        "the default plus conditional erasure fitted after training on the training split, the erased heads retrained "
+        "5 epochs (fit='after': what fit_erasure(..., retrain_epochs=5) does, inside md.train)",
+        {"levers": [{"name": "erasure", "args": {"fit": "after", "retrain_epochs": 5}}]},
+    ),
     "erasure_only": (
         "lambda = 0 plus the conditional erasure lever",
         {"adversary": {"weight": 0.0}, "levers": [{"name": "erasure"}]},

@@ -10,7 +10,9 @@ the ``mtdisent.levers`` registry (entry-point group ``mtdisent.levers``), like e
   ``None`` otherwise;
 * :meth:`Lever.augment` change a training batch before the main step (synthesise factor combinations, for
   example); it sees the step, so it may run the model;
-* :meth:`Lever.metrics` report what its last training step did (logged with the main step's metrics).
+* :meth:`Lever.metrics` report what its last training step did (logged with the main step's metrics);
+* :meth:`Lever.finish` change the final model once training is over (fit statistics on the training split's final
+  features, for example).
 
 Levers run in the order the spec lists them. A lever that only acts in training need not build anything; one
 that builds a module is needed (as a plugin) to load the model, as a backbone is.
@@ -18,7 +20,7 @@ that builds a module is needed (as a plugin) to load the model, as a backbone is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -75,6 +77,23 @@ class Lever:
         Name keys after the lever (``"recombine/flipped"``) so that they cannot collide with the step's own.
         """
         return {}
+
+    def finish(self, module: nn.Module | None, model: MultiTaskModel, data: Any) -> None:
+        """Change the final model in place, once, when training is over (a no-op by default).
+
+        ``md.train`` calls it in every process after the last iteration and, with
+        ``training.batchnorm_stats="recompute"``, after the BatchNorm statistics are recomputed; levers in spec order.
+        What it changes is the final model (``run.model``, the run's ``model.safetensors``, ``md.load``); the
+        checkpoints keep the model as the last iteration left it, which is what a resume continues from, so a run
+        resumed after its last iteration calls it again on that model. It must give the same result every time
+        from the same model and data (seed what it draws). In a distributed run every process then takes rank 0's
+        parameters and buffers.
+
+        Args:
+            module: What :meth:`build` returned.
+            model: The final model, in training mode.
+            data: The training split (``training.train_split``), as the data contract gives it.
+        """
 
     def __repr__(self) -> str:
         return signature_repr(self)

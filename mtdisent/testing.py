@@ -302,7 +302,8 @@ def check_lever(name: str, *, args: dict[str, Any] | None = None, iterations: in
     Training with the lever runs and stays finite; ``Lever.features`` keeps every task's feature shape; what
     ``Lever.build`` made is saved with the model and :func:`~mtdisent.load` gives back the same predictions;
     with ``iterations`` > 1, training stopped half way and resumed from its checkpoint ends bitwise where
-    uninterrupted training does (the lever's state and random draws are in the checkpoints).
+    uninterrupted training does, :meth:`~mtdisent.Lever.finish` included (the lever's state and random draws are in
+    the checkpoints).
 
     Args:
         name: Registered lever name.

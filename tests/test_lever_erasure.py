@@ -453,6 +453,9 @@ def _ddp_worker(rank, init, z, yi, yj, out):
         rows = slice(rank * half + k, rank * half + k + 50)
         lever.features(layer, {"i": z[rows], "j": z[rows]}, {"i": yi[rows], "j": yj[rows]}, True)
     torch.save(layer.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    _, whole = make(dim=z.shape[1], momentum=None, min_count=1)  # every rank holds the whole batch (fit="after")
+    whole.update({"i": z, "j": z}, {"i": yi, "j": yj}, reduce=False)
+    torch.save(whole.state_dict(), os.path.join(out, f"whole{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -475,6 +478,12 @@ def test_ranks_share_the_statistics_of_the_whole_batch(tmp_path):
     for s in ("sources.i", "sources.j"):  # the erasure map U R^T itself is unique
         split, one = (st[f"{s}.basis"].T @ st[f"{s}.reader"] for st in (r0, whole))  # (D, D) each
         assert torch.allclose(split, one, atol=1e-4), s
+    # reduce=False: a batch every rank holds whole is counted once, as in one process
+    _, alone = make(dim=8, momentum=None, min_count=1)
+    alone.update({"i": z, "j": z}, {"i": yi, "j": yj})
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"whole{rank}.pt")
+        assert all(torch.equal(got[k], v) for k, v in alone.state_dict().items() if k.endswith((".count", ".mean")))
 
 
 # -- fitted after training: fit_erasure ------------------------------------------------------------------
@@ -552,3 +561,73 @@ def test_fit_erasure_retrains_only_the_erased_sources_classifiers_on_the_erased_
         fit_erasure(model, data, retrain_epochs=-1)
     with pytest.raises(md.ComponentError, match=r"retrain_lr=0: expected a number > 0"):
         fit_erasure(model, data, retrain_epochs=1, retrain_lr=0)
+
+
+# -- fit="after": erasure fitted after training, inside md.train ------------------------------------------
+def test_fit_after_trains_as_without_it_and_ends_with_the_model_fit_erasure_gives(tmp_path):
+    from conftest import ToyDataset, toy_experiment
+    from mtdisent_plugins.levers.erasure import fit_erasure
+
+    from mtdisent._engine._checkpoint import read_checkpoint
+
+    data = {"train": ToyDataset(120, seed=3), "val": ToyDataset(40, seed=4)}
+    after = {"fit": "after", "retrain_epochs": 2, "pairs": ["a->b"], "min_count": 5}
+    spec = toy_experiment(levers=[{"name": "erasure", "args": after}])
+    plain = md.train(toy_experiment(), data, out_dir=tmp_path / "plain", quiet=True)
+    run = md.train(spec, data, out_dir=tmp_path / "after", quiet=True)
+    # training never saw the layer: every iteration's metrics and the last checkpoint's weights are the plain run's
+    keys = ("loss", "val_acc_a", "val_acc_b")
+    assert [[h.get(k) for k in keys] for h in run.history] == [[h.get(k) for k in keys] for h in plain.history]
+    a, _ = read_checkpoint(tmp_path / "plain" / "checkpoints" / "iter-00000006")
+    b, _ = read_checkpoint(tmp_path / "after" / "checkpoints" / "iter-00000006")
+    assert all(torch.equal(a[k], b[k]) for k in a) and int(b["model.lever_modules.0.sources.a.rank"]) == 0
+    # the final model is fit_erasure's on the plain model with the run's settings, and md.load gives it
+    expected = fit_erasure(
+        plain.model, data["train"], pairs=["a->b"], min_count=5, retrain_epochs=2, batch_size=20, seed=spec.seed
+    )
+    layer = run.model.lever_modules["0"].sources["a"]
+    assert int(layer.rank) == 4 and run.model.training
+    x = data["val"].x
+    want = expected.eval().predict_proba(x)
+    for model in (run.model, md.load(tmp_path / "after")):
+        got = model.eval().predict_proba(x)
+        assert all(torch.allclose(got[t], want[t], atol=1e-6) for t in want)
+    assert not torch.allclose(plain.model.eval().predict_proba(x)["a"], want["a"], atol=1e-3)  # it did change
+    # a run resumed after its last iteration is fitted again from the checkpoint: the same final model
+    again = md.train(spec, data, out_dir=tmp_path / "after", resume=True, quiet=True)
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in run.model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        ({"fit": "end"}, ["fit='end'", "'running'", "'after'"]),
+        ({"retrain_epochs": 2}, ["retrain_epochs=2", "fit='after'"]),
+        ({"fit": "after", "retrain_epochs": -1}, ["retrain_epochs=-1", ">= 0"]),
+    ],
+)
+def test_fit_and_retrain_epochs_are_checked(args, names):
+    with pytest.raises(md.ComponentError) as info:
+        md.levers.create("erasure", args)
+    assert all(n in str(info.value) for n in names), str(info.value)
+
+
+def test_check_lever_passes_fit_after():
+    run = check_lever("erasure", args={"fit": "after", "retrain_epochs": 1, "min_count": 2}, iterations=3)
+    assert {int(s.rank) > 0 for s in run.model.lever_modules["0"].sources.values()} == {True}
+
+
+def test_a_lever_failing_at_the_end_of_training_is_named_in_one_line():
+    from conftest import ToyDataset, toy_experiment
+
+    class Refuses(md.Lever):
+        def finish(self, module, model, data):
+            raise md.ComponentError("data: 3 samples, need 10")
+
+    md.register("lever", "test_refuses_at_end")(Refuses)
+    try:
+        with pytest.raises(md.ComponentError) as info:
+            md.train(toy_experiment(levers=[{"name": "test_refuses_at_end"}]), ToyDataset(40), quiet=True)
+    finally:
+        md.levers.unregister("test_refuses_at_end")
+    assert str(info.value) == "levers[0] 'test_refuses_at_end', at the end of training: data: 3 samples, need 10"

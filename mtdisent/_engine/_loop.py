@@ -18,7 +18,8 @@ import torch.distributed
 
 from .._batchnorm import recompute_batchnorm
 from .._data import Batch, ContractView, DataError, DataSource, _shape, resolve_data, task_classes
-from .._errors import MtdisentError, SpecError
+from .._errors import MtdisentError, SpecError, with_context
+from .._levers import Lever
 from .._model import build_model
 from .._registry import objectives
 from .._spec import Experiment
@@ -158,7 +159,7 @@ class Loop:
                 f"{tr.train_split!r}, which has {train_view.n}; use 'running' or a smaller training.batch_size"
             )
         self.chance = _chance(train_view, experiment)
-        self.train_view = train_view
+        self.train_view, self.train_split = train_view, source[tr.train_split]
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> Run:
@@ -194,6 +195,7 @@ class Loop:
             self.checkpointer.write_last(self)  # with the running statistics: what resuming continues from
             if tr.batchnorm_stats == "recompute":  # every rank the same full pass: the same statistics
                 self._recompute_batchnorm()
+            self._finish_levers()
             self._call("on_train_end")
             self.barrier()
         finally:
@@ -232,6 +234,23 @@ class Loop:
             for lever, values in zip(self.model.levers, attributes, strict=True):
                 vars(lever).clear()
                 vars(lever).update(values)
+
+    def _finish_levers(self) -> None:
+        """Every lever's :meth:`~mtdisent.Lever.finish` on the final model; then every rank holds rank 0's."""
+        model = self.model
+        for k, lever in enumerate(model.levers):
+            if type(lever).finish is Lever.finish:
+                continue
+            module = model.lever_modules[str(k)] if str(k) in model.lever_modules else None
+            try:
+                lever.finish(module, model, self.train_split)
+            except MtdisentError as exc:
+                name = self.experiment.levers[k].name
+                raise with_context(exc, f"levers[{k}] {name!r}, at the end of training") from exc
+            model.train()
+            if self.dist.enabled:
+                for tensor in [*model.parameters(), *model.buffers()]:
+                    torch.distributed.broadcast(tensor.data, src=0)
 
     def _call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:

@@ -132,19 +132,22 @@ class _Cells(nn.Module):
         self.register_buffer("count", torch.zeros(groups, classes, dtype=torch.long))
 
     @torch.no_grad()
-    def update(self, z: torch.Tensor, group: torch.Tensor, label: torch.Tensor, momentum: float | None) -> None:
+    def update(
+        self, z: torch.Tensor, group: torch.Tensor, label: torch.Tensor, momentum: float | None, reduce: bool = True
+    ) -> None:
         """Fold a batch in: z (B, D) float32, group and label (B,) int64 with -1 for unlabelled rows (skipped).
 
         ``momentum=None``: exact cumulative means. Otherwise a per-sample exponential moving average: a cell that
         gets n samples of mean x in this batch moves by ``1 - (1 - momentum) ** n`` of the way to x (its first
-        samples set it). Under ``torch.distributed`` the batch sums of every rank are added first.
+        samples set it). Under ``torch.distributed`` the batch sums of every rank are added first, unless
+        ``reduce`` is false (every rank holds the same whole batch).
         """
         g, k, d = self.mean.shape
         valid = (group >= 0) & (label >= 0)  # (B,)
         cell = torch.where(valid, group.clamp(min=0) * k + label.clamp(min=0), g * k)  # (B,) g*k: the spill bin
         sums = z.new_zeros(g * k + 1, d).index_add_(0, cell, z)[:-1]  # (G*K, D)
         n = torch.bincount(cell, minlength=g * k + 1)[:-1].to(z.dtype)  # (G*K,)
-        if _distributed():  # one all-reduce of sums and counts (counts exact in float32 up to 2^24 per batch)
+        if reduce and _distributed():  # one all-reduce of sums and counts (exact in float32 up to 2^24 per batch)
             packed = torch.cat([sums.flatten(), n])
             dist.all_reduce(packed)
             sums, n = packed[: -(g * k)].view(g * k, d), packed[-(g * k) :]
@@ -296,10 +299,11 @@ class ErasureLayer(nn.Module):
         return [(s, cast(_Source, m)) for s, m in self.sources.items()]
 
     @torch.no_grad()
-    def update(self, features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> None:
+    def update(self, features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], reduce: bool = True) -> None:
         """Fold a labelled batch into the statistics (features detached) and refit every source's basis.
 
         A task missing from ``labels`` counts as unlabelled (-1): its rows update nothing that needs its label.
+        ``reduce=False``: the batch is not summed over the processes of a distributed run (each holds all of it).
         """
         for name, source in self.items():
             z = features[name].detach().float()  # (B, D)
@@ -307,14 +311,14 @@ class ErasureLayer(nn.Module):
             missing = torch.full((b,), -1, dtype=torch.long, device=z.device)
             own = labels.get(name, missing).long()  # (B,)
             whole = torch.zeros(b, dtype=torch.long, device=z.device)  # (B,) every row in group/class 0
-            source.pooled.update(z, whole, whole, self.momentum)
+            source.pooled.update(z, whole, whole, self.momentum, reduce)
             if source.own is not None:
-                source.own.update(z, whole, own, self.momentum)
+                source.own.update(z, whole, own, self.momentum, reduce)
             group = whole if self.mode == "marginal" else own
             for target, cells in source.tables():
-                cells.update(z, group, labels.get(target, missing).long(), self.momentum)
+                cells.update(z, group, labels.get(target, missing).long(), self.momentum, reduce)
             for target, cells in source.marginal_tables():
-                cells.update(z, whole, labels.get(target, missing).long(), self.momentum)
+                cells.update(z, whole, labels.get(target, missing).long(), self.momentum, reduce)
             source.refit(self.min_count, self.min_sine if self.mode == "keep_own" else None)
 
 
@@ -347,6 +351,16 @@ class Erasure(Lever):
             class-mean offsets are kept (erasing them would stretch features by 1 / sine); in (0, 1).
         frozen: Training never updates the statistics: they are set once by :func:`fit_erasure` on a trained
             model (until then the layer erases nothing).
+        fit: ``"running"`` (default): the statistics follow the training batches as above. ``"after"``: erasure
+            after training, inside ``md.train``: the layer is the identity while the model trains (no statistics,
+            no gradient through it) and, when training ends, is fitted once on exact cell means of the final
+            features over the training split (:meth:`finish`, what :func:`fit_erasure` does to a trained model),
+            so the final model (``run.model``, ``md.load``) erases; checkpoints hold the model before it.
+            ``momentum`` is not used.
+        retrain_epochs: With ``fit="after"``: the classifier of every erased source is then trained again for
+            this many epochs on its erased training features (:func:`mtdisent.retrain_classifiers`, seeded by the
+            experiment's seed); 0 leaves the classifiers as trained (they then read erased features they never
+            saw). Must be 0 with ``fit="running"``.
     """
 
     def __init__(
@@ -357,6 +371,8 @@ class Erasure(Lever):
         pairs: list[Any] | None = None,
         min_sine: float = 0.05,
         frozen: bool = False,
+        fit: str = "running",
+        retrain_epochs: int = 0,
     ) -> None:
         if mode not in _MODES:
             raise ComponentError(f"mode={mode!r}; expected 'conditional', 'marginal', 'both' or 'keep_own'")
@@ -370,6 +386,18 @@ class Erasure(Lever):
             raise ComponentError(f"min_sine={min_sine!r}; expected a number in (0, 1)")
         if not isinstance(frozen, bool):
             raise ComponentError(f"frozen={frozen!r}; expected true or false")
+        if fit not in ("running", "after"):
+            raise ComponentError(
+                f"fit={fit!r}; expected 'running' (statistics of the training batches) or 'after' (fitted once on "
+                "the final features when training ends)"
+            )
+        if isinstance(retrain_epochs, bool) or not isinstance(retrain_epochs, int) or retrain_epochs < 0:
+            raise ComponentError(f"retrain_epochs={retrain_epochs!r}; expected an integer >= 0")
+        if retrain_epochs and fit != "after":
+            raise ComponentError(
+                f"retrain_epochs={retrain_epochs}: the classifiers are retrained only after an erasure fitted after "
+                "training; set fit='after' or retrain_epochs=0"
+            )
         if pairs is not None:
             if not isinstance(pairs, (list, tuple)) or not pairs:
                 raise ComponentError(
@@ -394,6 +422,8 @@ class Erasure(Lever):
         self.pairs = pairs
         self.min_sine = float(min_sine)
         self.frozen = frozen
+        self.fit = fit
+        self.retrain_epochs = retrain_epochs
 
     def resolve_pairs(self, model: MultiTaskModel) -> list[tuple[str, str]]:
         """The (source, target) pairs this lever erases in ``model``."""
@@ -433,10 +463,34 @@ class Erasure(Lever):
         labels: dict[str, torch.Tensor] | None,
         training: bool,
     ) -> dict[str, torch.Tensor]:
-        """Update the statistics with a labelled training batch (unless ``frozen``), then erase."""
-        if module is None:
+        """Update the statistics with a labelled training batch (unless ``frozen``), then erase.
+
+        With ``fit="after"`` the features pass unchanged in training mode; in eval mode the layer erases what
+        :meth:`finish` fitted (nothing before).
+        """
+        if module is None or (self.fit == "after" and training):
             return features
         return module(features, labels if training and not self.frozen else None)
+
+    def finish(self, module: nn.Module | None, model: MultiTaskModel, data: Any) -> None:
+        """With ``fit="after"``: fit the layer on the final features of ``data`` (the training split).
+
+        Exact cell means over one pass, as :func:`fit_erasure` fits them; then the erased sources' classifiers are
+        retrained ``retrain_epochs`` epochs.
+        """
+        if self.fit != "after" or module is None:
+            return
+        tr = model.experiment.training
+        _fit_layer(
+            model,
+            cast(ErasureLayer, module),
+            data,
+            batch_size=tr.batch_size,
+            num_workers=tr.num_workers,
+            retrain_epochs=self.retrain_epochs,
+            retrain_lr=None,
+            seed=model.experiment.seed,
+        )
 
 
 def fit_erasure(
@@ -510,14 +564,48 @@ def fit_erasure(
     assert not result.unexpected_keys and all(k.startswith(prefix) for k in result.missing_keys), result
     fitted.train(model.training)
     layer = cast(ErasureLayer, fitted.lever_modules[str(index)])  # erases nothing yet: basis and mu are zero
+    _fit_layer(
+        fitted,
+        layer,
+        data,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        retrain_epochs=retrain_epochs,
+        retrain_lr=retrain_lr,
+        seed=seed,
+    )
+    return fitted
+
+
+def _fit_layer(
+    model: MultiTaskModel,
+    layer: ErasureLayer,
+    data: Any,
+    *,
+    batch_size: int,
+    num_workers: int,
+    retrain_epochs: int,
+    retrain_lr: float | None,
+    seed: int,
+) -> None:
+    """Fit ``layer`` (one of ``model``'s) on exact cell means of the model's features over ``data``, in place.
+
+    The statistics start again from zero, so fitting twice gives the same layer; the feature pass reads the model
+    in eval mode with the layer as it is (levers after it see its old fit). Then, with ``retrain_epochs``, the
+    erased sources' classifiers are retrained on the erased features.
+    """
+    device = next(model.parameters()).device
+    for buffer in layer.buffers():
+        buffer.zero_()  # the identity, and cells that count from zero: exact means (momentum does not apply)
     with torch.random.fork_rng(devices=[]):  # a dataset's random augmentation draws the same images every time
         torch.manual_seed(seed)
-        features, labels = collect_features(fitted, data, batch_size, num_workers=num_workers)  # {task: (N, D)}, CPU
+        features, labels = collect_features(model, data, batch_size, num_workers=num_workers)  # {task: (N, D)}, CPU
     names = [name for name, _ in layer.items()] + [t for _, s in layer.items() for t, _ in s.tables()]
-    layer.update({t: features[t].to(device) for t in names}, {t: labels[t].to(device) for t in names})
+    # every process of a distributed run read the whole of data: nothing to sum over them
+    layer.update({t: features[t].to(device) for t in names}, {t: labels[t].to(device) for t in names}, reduce=False)
     if retrain_epochs:
         retrain_classifiers(
-            fitted,
+            model,
             data,
             tasks=[t for t, _ in layer.items()],
             epochs=retrain_epochs,
@@ -526,4 +614,3 @@ def fit_erasure(
             num_workers=num_workers,
             seed=seed,
         )
-    return fitted
