@@ -88,6 +88,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
         "5 epochs (fit='after': what fit_erasure(..., retrain_epochs=5) does, inside md.train)",
         {"levers": [{"name": "erasure", "args": {"fit": "after", "retrain_epochs": 5}}]},
     ),
+    "erase_after_marginal": (
+        "erase_after with the marginal erasure (the directions of Cov(z_i, y_j) over all samples)",
+        {"levers": [{"name": "erasure", "args": {"fit": "after", "retrain_epochs": 5, "mode": "marginal"}}]},
+    ),
     "erasure_only": (
         "lambda = 0 plus the conditional erasure lever",
         {"adversary": {"weight": 0.0}, "levers": [{"name": "erasure"}]},

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from ._data import DataError, DataSource, resolve_data, task_classes
 from ._engine import Run
 from ._engine._checkpoint import load_with_provenance
 from ._errors import MtdisentError
+from ._levers import finishing_levers
 from ._model import MultiTaskModel, map_features
 from ._torch import eval_mode
 from .evaluation import (
@@ -51,11 +53,26 @@ def resolve_model(source: Any, which: str = "best") -> tuple[MultiTaskModel, dic
         checkpoint = which if which != "best" or at_best else "final (the run has no best checkpoint)"
         where = str(source.out_dir) if source.out_dir is not None else "in-memory model"
         iteration = source.best["iteration"] if at_best and source.best is not None else source.iteration
+        _warn_before_finish(model, checkpoint, where)
         return model, {"model": where, "checkpoint": checkpoint, "iteration": iteration}
     if isinstance(source, (str, Path)):
         model, info = load_with_provenance(source, which=which)
+        _warn_before_finish(model, info["checkpoint"], str(source))
         return model, {"model": str(source), "checkpoint": info["checkpoint"], "iteration": info["iteration"]}
     raise MtdisentError(f"evaluate expects a Run, a run directory or a MultiTaskModel, got {type(source).__name__}")
+
+
+def _warn_before_finish(model: MultiTaskModel, checkpoint: str, where: str) -> None:
+    """Warn when a checkpoint is read from a run whose levers change the final model after training."""
+    finishing = finishing_levers(model)
+    if finishing and not checkpoint.startswith("final"):
+        k = finishing[0]
+        warnings.warn(
+            f"{where}: the {checkpoint} checkpoint holds the model before levers[{k}] "
+            f"{model.experiment.levers[k].name!r} changed it at the end of training; which='final' is the model "
+            "training ended with",
+            stacklevel=4,  # the caller of evaluate
+        )
 
 
 def _key(pair: tuple[str, str]) -> str:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ._engine._step import AdversarialStep
     from ._model import MultiTaskModel
 
-__all__ = ["Lever"]
+__all__ = ["Lever", "finishing_levers"]
 
 
 class Lever:
@@ -97,3 +97,8 @@ class Lever:
 
     def __repr__(self) -> str:
         return signature_repr(self)
+
+
+def finishing_levers(model: MultiTaskModel) -> list[int]:
+    """Indices of ``model``'s levers that override :meth:`Lever.finish` (they change the final model)."""
+    return [k for k, lever in enumerate(model.levers) if type(lever).finish is not Lever.finish]

@@ -437,13 +437,16 @@ class MultiTaskModel(nn.Module):
         scales = {t: torch.cat(pooled, dim=1) for t, pooled in capture.pooled().items()}  # {task: (B, S_task)}
         return Features(self.apply_levers(raw, labels), scales)
 
+    def lever_module(self, k: int) -> nn.Module | None:
+        """What ``levers[k]`` built (:meth:`~mtdisent.Lever.build`), or ``None``."""
+        return self.lever_modules[str(k)] if str(k) in self.lever_modules else None
+
     def apply_levers(
         self, features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
         """The levers' feature transforms (``Lever.features``), in spec order: ``{task: (B, D)}`` in and out."""
         for k, lever in enumerate(self.levers):
-            module = self.lever_modules[str(k)] if str(k) in self.lever_modules else None
-            features = lever.features(module, features, labels, self.training)
+            features = lever.features(self.lever_module(k), features, labels, self.training)
         return features
 
     def classify(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 Usage: torchrun --standalone --nproc_per_node=2 ddp_worker.py OUT_DIR MODEL ITERATIONS [resume]
   MODEL plain  a BatchNorm-free model (comparable with a single process bit for bit, up to float sums)
   MODEL plain_projection  the same with the gradient-projection objective (gradients averaged by hand)
+  MODEL plain_erase_after  plain with erasure fitted after training and the heads retrained (Lever.finish)
   MODEL dltk   the default DLTK encoder with BatchNorm
 """
 
@@ -34,9 +35,11 @@ if "ddp_plain" not in md.backbones.names():
 
 
 def experiment(model, iterations):
-    if model in ("plain", "plain_projection"):
+    if model in ("plain", "plain_projection", "plain_erase_after"):
         objective = "projection" if model == "plain_projection" else "minmax"
+        after = {"name": "erasure", "args": {"fit": "after", "retrain_epochs": 2, "min_count": 5}}
         return toy_experiment(
+            levers=[after] if model == "plain_erase_after" else [],
             backbone="ddp_plain",
             head={"hidden": [8], "batchnorm": False},
             adversary={"head": {"hidden": [8], "batchnorm": False}, "steps": 2, "weight": 0.1, "objective": objective},

@@ -29,6 +29,26 @@ def test_residual_unit_structure():
     assert lrelu and all(m.negative_slope == 0.1 for m in lrelu)
 
 
+@pytest.mark.parametrize(("kernel", "stride"), [((3, 3), (1, 1)), ((4, 4), (2, 2)), ((6, 3), (3, 1))])
+def test_same_convolutions_pad_as_tf_whether_they_pad_themselves_or_not(kernel, stride):
+    from mtdisent_plugins.backbones.dltk import _same_conv
+
+    conv = _same_conv(3, 4, kernel, stride)
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    # TF 'same': out = in / stride, total padding k - s, the odd pixel after (bottom, right)
+    total = [k - s for k, s in zip(kernel, stride, strict=True)]
+    padded = torch.nn.functional.pad(
+        x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
+    )
+    want = torch.nn.functional.conv2d(padded, conv[1].weight, stride=stride)
+    got = conv(x)
+    assert got.shape == (2, 4, 12 // stride[0], 12 // stride[1])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    symmetric = all(t % 2 == 0 for t in total)
+    assert isinstance(conv[0], torch.nn.Identity) == symmetric  # no padded copy where the convolution pads alike
+    assert [k for k, _ in conv.named_parameters()] == ["1.weight"]  # the weights' names do not depend on it
+
+
 def test_shortcut_zero_pads_channels_split_before_and_after():
     enc = dltk(filters=[2, 5], strides=[1, 1]).eval()
     unit = enc.blocks[0]

@@ -25,10 +25,11 @@ def ranks(out):
     return load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
 
 
-@pytest.mark.parametrize("model", ["plain", "plain_projection"])
+@pytest.mark.parametrize("model", ["plain", "plain_projection", "plain_erase_after"])
 def test_ranks_agree_and_match_a_single_process_run(tmp_path, model):
     # plain_projection: the projection objective takes its gradients with torch.autograd.grad, which DDP's hooks
-    # do not see; the step averages them over the processes itself before projecting
+    # do not see; the step averages them over the processes itself before projecting. plain_erase_after: every
+    # rank fits the erasure on the whole training split and retrains the heads when training ends
     torchrun(HERE / "ddp_worker.py", tmp_path, model, 6)
     r0, r1 = ranks(tmp_path)
     for k in r0:
@@ -43,6 +44,10 @@ def test_ranks_agree_and_match_a_single_process_run(tmp_path, model):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", "iter-00000003", "iter-00000006"]
     for k, v in md.load(tmp_path).state_dict().items():
         assert torch.equal(v, r0[k]), k
+    if model == "plain_erase_after":  # fitted once, on every sample once: the counts of one process
+        counts = [k for k in r0 if k.endswith(".count")]
+        assert counts and all(torch.equal(r0[k], single.model.state_dict()[k]) for k in counts)
+        assert all(int(r0[f"lever_modules.0.sources.{t}.rank"]) > 0 for t in ("a", "b"))
 
 
 def test_batchnorm_model_ranks_identical_and_resume_under_ddp(tmp_path):

@@ -557,7 +557,7 @@ def test_fit_erasure_retrains_only_the_erased_sources_classifiers_on_the_erased_
     head = kept.classifiers.head("a")
     pre = f["a"] @ head.body[0].weight.T  # (N, 16): the head's BatchNorm input, on the erased features
     torch.testing.assert_close(head.body[1].running_var, pre.var(0))
-    with pytest.raises(md.ComponentError, match=r"retrain_epochs=-1: expected an integer >= 0"):
+    with pytest.raises(md.ComponentError, match=r"fit_erasure: retrain_epochs=-1; expected an integer >= 0"):
         fit_erasure(model, data, retrain_epochs=-1)
     with pytest.raises(md.ComponentError, match=r"retrain_lr=0: expected a number > 0"):
         fit_erasure(model, data, retrain_epochs=1, retrain_lr=0)
@@ -593,6 +593,20 @@ def test_fit_after_trains_as_without_it_and_ends_with_the_model_fit_erasure_give
         got = model.eval().predict_proba(x)
         assert all(torch.allclose(got[t], want[t], atol=1e-6) for t in want)
     assert not torch.allclose(plain.model.eval().predict_proba(x)["a"], want["a"], atol=1e-3)  # it did change
+    z = {"a": torch.randn(6, layer.basis.shape[1]), "b": torch.randn(6, 8)}
+    lever, module = run.model.levers[0], run.model.lever_module(0)
+    erased = lever.features(module, z, {"a": torch.zeros(6, dtype=torch.long)}, True)  # training mode erases too
+    assert not torch.allclose(erased["a"], z["a"]) and torch.equal(
+        erased["a"], lever.features(module, z, None, False)["a"]
+    )
+    # the checkpoints, best included, hold the model before the fit; model_at and md.load agree on each
+    assert run.best is not None and (tmp_path / "after" / "checkpoints" / "best").is_dir()
+    for which in ("best", "latest"):
+        for model in (run.model_at(which), md.load(tmp_path / "after", which)):
+            assert int(model.lever_modules["0"].sources["a"].rank) == 0, which
+    assert run.finished and run.model_at("final") is run.model
+    with pytest.warns(UserWarning, match=r"best checkpoint holds the model before levers\[0\] 'erasure' changed it"):
+        md.evaluate(run, data=data["val"], split="val", probes=())
     # a run resumed after its last iteration is fitted again from the checkpoint: the same final model
     again = md.train(spec, data, out_dir=tmp_path / "after", resume=True, quiet=True)
     assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in run.model.state_dict().items())
@@ -631,3 +645,29 @@ def test_a_lever_failing_at_the_end_of_training_is_named_in_one_line():
     finally:
         md.levers.unregister("test_refuses_at_end")
     assert str(info.value) == "levers[0] 'test_refuses_at_end', at the end of training: data: 3 samples, need 10"
+
+
+def test_fit_after_follows_batchnorm_recomputation_and_fits_on_its_own_input(tmp_path):
+    from conftest import ToyDataset, toy_experiment
+    from mtdisent_plugins.levers.erasure import fit_erasure
+
+    data = ToyDataset(120, seed=3)
+    after = {"name": "erasure", "args": {"fit": "after", "pairs": ["a->b"], "min_count": 5}}
+    plain = md.train(toy_experiment(training={"batchnorm_stats": "recompute"}), data, quiet=True)
+    run = md.train(toy_experiment(levers=[after], training={"batchnorm_stats": "recompute"}), data, quiet=True)
+    expected = fit_erasure(plain.model, data, pairs=["a->b"], min_count=5, batch_size=20)  # plain: recomputed
+    x = data.x[:40]
+    got, want = run.model.eval().predict_proba(x), expected.eval().predict_proba(x)
+    assert all(torch.allclose(got[t], want[t], atol=1e-6) for t in want)
+    with pytest.raises(md.MtdisentError, match="in-memory run's model was changed after its last iteration"):
+        run.model_at("latest")
+    # a later lever that changes a's features does not change what the fit="after" layer is fitted on
+    later = {"name": "erasure", "args": {"pairs": ["a->b"], "momentum": None, "min_count": 1}}
+    model = md.build_model(toy_experiment(levers=[after, later])).eval()
+    model.lever_module(1).update({"a": torch.randn(30, 8)}, {"a": torch.arange(30) % 2, "b": torch.arange(30) % 3})
+    model.levers[0].finish(model.lever_module(0), model, data)
+    with torch.no_grad():
+        z = model.lever_module(0).sources["a"].erase(model.encoders["a"](data.x))  # the encoder's output, erased
+    for c in range(2):
+        means = torch.stack([z[(data.a == c) & (data.b == d)].mean(0) for d in range(3)])  # (3, D)
+        assert (means - means[0]).abs().max() < 1e-4 * means.abs().max(), c

@@ -19,7 +19,7 @@ import torch.distributed
 from .._batchnorm import recompute_batchnorm
 from .._data import Batch, ContractView, DataError, DataSource, _shape, resolve_data, task_classes
 from .._errors import MtdisentError, SpecError, with_context
-from .._levers import Lever
+from .._levers import finishing_levers
 from .._model import build_model
 from .._registry import objectives
 from .._spec import Experiment
@@ -117,7 +117,8 @@ class Loop:
             raise DataError(f"training.train_split: the data has no split {tr.train_split!r} (it has {sorted(source)})")
         classes = task_classes(experiment)
         shape = experiment.input_shape or source.input_shape
-        train_view = ContractView(source[tr.train_split], classes, shape, tr.train_split, require_labels=True)
+        self.train_split = source[tr.train_split]
+        train_view = ContractView(self.train_split, classes, shape, tr.train_split, require_labels=True)
         if shape is None:
             first = train_view.__getitems__([0])
             if not isinstance(first, Batch):
@@ -159,7 +160,7 @@ class Loop:
                 f"{tr.train_split!r}, which has {train_view.n}; use 'running' or a smaller training.batch_size"
             )
         self.chance = _chance(train_view, experiment)
-        self.train_view, self.train_split = train_view, source[tr.train_split]
+        self.train_view = train_view
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> Run:
@@ -195,7 +196,7 @@ class Loop:
             self.checkpointer.write_last(self)  # with the running statistics: what resuming continues from
             if tr.batchnorm_stats == "recompute":  # every rank the same full pass: the same statistics
                 self._recompute_batchnorm()
-            self._finish_levers()
+            finished = self._finish_levers() or tr.batchnorm_stats == "recompute"
             self._call("on_train_end")
             self.barrier()
         finally:
@@ -210,6 +211,7 @@ class Loop:
             self.history,
             self.best,
             self.checkpointer.best_state,
+            finished,
         )
 
     def _recompute_batchnorm(self) -> None:
@@ -235,22 +237,26 @@ class Loop:
                 vars(lever).clear()
                 vars(lever).update(values)
 
-    def _finish_levers(self) -> None:
-        """Every lever's :meth:`~mtdisent.Lever.finish` on the final model; then every rank holds rank 0's."""
-        model = self.model
-        for k, lever in enumerate(model.levers):
-            if type(lever).finish is Lever.finish:
-                continue
-            module = model.lever_modules[str(k)] if str(k) in model.lever_modules else None
+    def _finish_levers(self) -> bool:
+        """Every lever's :meth:`~mtdisent.Lever.finish` on the final model, then every rank holds rank 0's.
+
+        Returns whether a lever has a ``finish``.
+        """
+        model, finishing = self.model, finishing_levers(self.model)
+        for k in finishing:
             try:
-                lever.finish(module, model, self.train_split)
+                model.levers[k].finish(model.lever_module(k), model, self.train_split)
             except MtdisentError as exc:
-                name = self.experiment.levers[k].name
-                raise with_context(exc, f"levers[{k}] {name!r}, at the end of training") from exc
+                error = with_context(exc, f"levers[{k}] {self.experiment.levers[k].name!r}, at the end of training")
+                if self.out_dir is not None:  # nothing is lost: say where the trained model is
+                    kept = f"md.load({str(self.out_dir)!r}, 'latest')"
+                    error.args = (f"{error}; the model training ended with is {kept}",)
+                raise error from exc
             model.train()
-            if self.dist.enabled:
-                for tensor in [*model.parameters(), *model.buffers()]:
-                    torch.distributed.broadcast(tensor.data, src=0)
+        if finishing and self.dist.enabled:
+            for tensor in [*model.parameters(), *model.buffers()]:
+                torch.distributed.broadcast(tensor.data, src=0)
+        return bool(finishing)
 
     def _call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:

@@ -30,6 +30,8 @@ class Run:
         best: Validation metrics of the best checkpoint, when validation data was given.
         best_state: For a run without ``out_dir``: the model weights of the best checkpoint (a run with a
             directory keeps them in ``checkpoints/best``). Use :meth:`model_at` rather than reading it.
+        finished: Whether :attr:`model` was changed after the last iteration (BatchNorm statistics recomputed,
+            a lever's :meth:`~mtdisent.Lever.finish`), so that it differs from every checkpoint.
     """
 
     experiment: Experiment
@@ -39,6 +41,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     best_state: dict[str, torch.Tensor] | None = None
+    finished: bool = False
 
     def __repr__(self) -> str:
         where = str(self.out_dir) if self.out_dir is not None else "in memory"
@@ -47,27 +50,42 @@ class Run:
         return f"Run({where}{name}: {len(self.model.task_names)} tasks, {self.iteration} iterations{best})"
 
     def model_at(self, which: str = "best") -> MultiTaskModel:
-        """The model at the final, latest or best checkpoint.
+        """The final model, or the latest or best checkpoint's, as :func:`~mtdisent.load` gives them.
 
         Args:
-            which: ``"final"`` or ``"latest"`` (the trained model, :attr:`model`), or ``"best"`` (the checkpoint
-                chosen on validation data; :attr:`model` when there was no validation or the last one won).
+            which: ``"final"`` (the trained model, :attr:`model`), ``"latest"`` (the last iteration's checkpoint:
+                :attr:`model` unless it was :attr:`finished` after it) or ``"best"`` (the checkpoint chosen on
+                validation data; :attr:`model` when there was no validation, or when the last one won and nothing
+                changed the model after it).
 
         Returns:
-            The model; a separate copy (or a model loaded from ``checkpoints/best``) for an earlier best.
+            The model; a separate copy (or a model loaded from the run directory) for an earlier state.
 
         Raises:
-            CheckpointError: ``which`` is not one of the three. MtdisentError: the best weights were not kept.
+            CheckpointError: ``which`` is not one of the three. MtdisentError: the weights asked for were not kept.
         """
         check_which(which)
-        if which != "best" or self.best is None or self.best.get("iteration") == self.iteration:
+        if which == "final" or (which == "best" and self.best is None):
+            return self.model
+        device = next(self.model.parameters()).device
+        if which == "latest":
+            if not self.finished:
+                return self.model
+            if self.out_dir is not None:
+                return load(self.out_dir, which="latest").to(device)
+            raise MtdisentError(
+                "this in-memory run's model was changed after its last iteration (BatchNorm statistics recomputed "
+                "or a lever's finish) and its state before was not kept; pass which='final', or train with out_dir"
+            )
+        assert self.best is not None
+        if self.best.get("iteration") == self.iteration and not self.finished:
             return self.model
         if self.best_state is not None:
             model = copy.deepcopy(self.model)
             model.load_state_dict(self.best_state)
             return model
         if self.out_dir is not None and (self.out_dir / "checkpoints" / "best").is_dir():
-            return load(self.out_dir, which="best").to(next(self.model.parameters()).device)
+            return load(self.out_dir, which="best").to(device)
         raise MtdisentError(
             f"the best checkpoint (iteration {self.best.get('iteration')}) of this run was not kept; "
             "pass which='final', or train with out_dir to keep it"

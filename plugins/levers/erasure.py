@@ -1,4 +1,4 @@
-"""Erasure layers: closed-form linear erasure of task j from task i's features, fitted while the model trains.
+"""Erasure layers: closed-form linear erasure of task j from task i's features, fitted while or after the model trains.
 
 For each erased pair (i, j) the layer keeps running means of task i's features z_i (B, D) per *cell* (class c of
 task i, class d of task j) and, from them, an orthonormal basis U (D, r) of the directions along which task j's
@@ -352,11 +352,12 @@ class Erasure(Lever):
         frozen: Training never updates the statistics: they are set once by :func:`fit_erasure` on a trained
             model (until then the layer erases nothing).
         fit: ``"running"`` (default): the statistics follow the training batches as above. ``"after"``: erasure
-            after training, inside ``md.train``: the layer is the identity while the model trains (no statistics,
-            no gradient through it) and, when training ends, is fitted once on exact cell means of the final
+            after training, inside ``md.train``: the layer erases nothing while the model trains (its statistics
+            stay zero, the identity) and, when training ends, is fitted once on exact cell means of the final
             features over the training split (:meth:`finish`, what :func:`fit_erasure` does to a trained model),
-            so the final model (``run.model``, ``md.load``) erases; checkpoints hold the model before it.
-            ``momentum`` is not used.
+            so the final model (``run.model``, ``md.load(run_dir)``) erases, in training and eval mode alike;
+            checkpoints, ``best`` included, hold the model before it. ``momentum`` is not used; ``frozen`` must
+            stay false.
         retrain_epochs: With ``fit="after"``: the classifier of every erased source is then trained again for
             this many epochs on its erased training features (:func:`mtdisent.retrain_classifiers`, seeded by the
             experiment's seed); 0 leaves the classifiers as trained (they then read erased features they never
@@ -393,6 +394,10 @@ class Erasure(Lever):
             )
         if isinstance(retrain_epochs, bool) or not isinstance(retrain_epochs, int) or retrain_epochs < 0:
             raise ComponentError(f"retrain_epochs={retrain_epochs!r}; expected an integer >= 0")
+        if frozen and fit == "after":
+            raise ComponentError(
+                "frozen=True with fit='after': the layer is fitted once when training ends; drop frozen"
+            )
         if retrain_epochs and fit != "after":
             raise ComponentError(
                 f"retrain_epochs={retrain_epochs}: the classifiers are retrained only after an erasure fitted after "
@@ -465,12 +470,12 @@ class Erasure(Lever):
     ) -> dict[str, torch.Tensor]:
         """Update the statistics with a labelled training batch (unless ``frozen``), then erase.
 
-        With ``fit="after"`` the features pass unchanged in training mode; in eval mode the layer erases what
-        :meth:`finish` fitted (nothing before).
+        With ``fit="after"`` the statistics never follow the batches: the layer erases what :meth:`finish` fitted
+        (nothing before).
         """
-        if module is None or (self.fit == "after" and training):
+        if module is None:
             return features
-        return module(features, labels if training and not self.frozen else None)
+        return module(features, labels if training and not (self.frozen or self.fit == "after") else None)
 
     def finish(self, module: nn.Module | None, model: MultiTaskModel, data: Any) -> None:
         """With ``fit="after"``: fit the layer on the final features of ``data`` (the training split).
@@ -535,6 +540,9 @@ def fit_erasure(
         seed: Seeds the feature pass (whatever the data draws from torch's global generator) and the retraining
             (``retrain_classifiers``' ``seed``).
 
+    In a distributed program every process must pass the whole of ``data`` (the statistics are not summed over
+    processes); each then computes the same layer.
+
     Returns:
         The new model, on the model's device, in the model's train/eval mode.
 
@@ -546,9 +554,10 @@ def fit_erasure(
     if isinstance(data, (DataSource, Mapping)):
         raise ComponentError(f"fit_erasure: data: pass one split (for example data['train']), not {sorted(data)}")
     args = {"mode": mode, "momentum": None, "min_count": min_count, "pairs": pairs, "min_sine": min_sine}
-    Erasure(**args, frozen=True)  # every argument checked, in one line, before any work
-    if isinstance(retrain_epochs, bool) or not isinstance(retrain_epochs, int) or retrain_epochs < 0:
-        raise ComponentError(f"fit_erasure: retrain_epochs={retrain_epochs!r}: expected an integer >= 0")
+    try:  # every argument checked, in one line, before any work
+        Erasure(**args, fit="after", retrain_epochs=retrain_epochs)
+    except ComponentError as exc:
+        raise ComponentError(f"fit_erasure: {exc}") from None
     if retrain_lr is not None and (
         isinstance(retrain_lr, bool) or not isinstance(retrain_lr, (int, float)) or not retrain_lr > 0
     ):
@@ -588,21 +597,31 @@ def _fit_layer(
     retrain_lr: float | None,
     seed: int,
 ) -> None:
-    """Fit ``layer`` (one of ``model``'s) on exact cell means of the model's features over ``data``, in place.
+    """Fit ``layer`` (one of ``model``'s) on exact cell means of its input features over ``data``, in place.
 
-    The statistics start again from zero, so fitting twice gives the same layer; the feature pass reads the model
-    in eval mode with the layer as it is (levers after it see its old fit). Then, with ``retrain_epochs``, the
-    erased sources' classifiers are retrained on the erased features.
+    The statistics start again from zero (the identity), so fitting twice gives the same layer. The layer's input
+    is what the encoders and the levers before it give in eval mode (levers after it do not change what it is
+    fitted on). Then, with ``retrain_epochs``, the erased sources' classifiers are retrained on what they read.
     """
     device = next(model.parameters()).device
     for buffer in layer.buffers():
         buffer.zero_()  # the identity, and cells that count from zero: exact means (momentum does not apply)
-    with torch.random.fork_rng(devices=[]):  # a dataset's random augmentation draws the same images every time
-        torch.manual_seed(seed)
-        features, labels = collect_features(model, data, batch_size, num_workers=num_workers)  # {task: (N, D)}, CPU
-    names = [name for name, _ in layer.items()] + [t for _, s in layer.items() for t, _ in s.tables()]
+    sources = [name for name, _ in layer.items()]
+    batches: list[dict[str, torch.Tensor]] = []
+
+    def keep_input(module: nn.Module, args: tuple[Any, ...]) -> None:
+        batches.append({t: args[0][t].detach().float().cpu() for t in sources})  # {source: (B, D)}
+
+    hook = layer.register_forward_pre_hook(keep_input)
+    try:
+        with torch.random.fork_rng(devices=[]):  # a dataset's random augmentation draws the same images every time
+            torch.manual_seed(seed)
+            _, labels = collect_features(model, data, batch_size, num_workers=num_workers)  # {task: (N,)}, CPU
+    finally:
+        hook.remove()
+    features = {t: torch.cat([b[t] for b in batches]).to(device) for t in sources}  # {source: (N, D)}
     # every process of a distributed run read the whole of data: nothing to sum over them
-    layer.update({t: features[t].to(device) for t in names}, {t: labels[t].to(device) for t in names}, reduce=False)
+    layer.update(features, {t: y.to(device) for t, y in labels.items()}, reduce=False)
     if retrain_epochs:
         retrain_classifiers(
             model,
