@@ -63,16 +63,21 @@ def resolve_model(source: Any, which: str = "best") -> tuple[MultiTaskModel, dic
 
 
 def _warn_before_finish(model: MultiTaskModel, checkpoint: str, where: str) -> None:
-    """Warn when a checkpoint is read from a run whose levers change the final model after training."""
+    """Warn when a checkpoint is read from a run whose final model was changed after its last iteration."""
+    if checkpoint.startswith("final"):
+        return
     finishing = finishing_levers(model)
-    if finishing and not checkpoint.startswith("final"):
-        k = finishing[0]
-        warnings.warn(
-            f"{where}: the {checkpoint} checkpoint holds the model before levers[{k}] "
-            f"{model.experiment.levers[k].name!r} changed it at the end of training; which='final' is the model "
-            "training ended with",
-            stacklevel=4,  # the caller of evaluate
-        )
+    if finishing:
+        what = f"levers[{finishing[0]}] {model.experiment.levers[finishing[0]].name!r} changed it"
+    elif model.experiment.training.batchnorm_stats == "recompute":
+        what = "its BatchNorm statistics were recomputed"
+    else:
+        return
+    warnings.warn(
+        f"{where}: the {checkpoint} checkpoint holds the model before {what} at the end of training; which='final' "
+        "is the model training ended with",
+        stacklevel=4,  # the caller of evaluate
+    )
 
 
 def _key(pair: tuple[str, str]) -> str:

@@ -78,6 +78,14 @@ class Lever:
         """
         return {}
 
+    def finishes(self) -> bool:
+        """Whether :meth:`finish` changes the final model with these arguments (default: it is overridden).
+
+        Override it when :meth:`finish` acts only for some arguments: ``md.train`` then knows that the final model
+        is the last checkpoint's (``Run.model_at``, and ``md.evaluate``'s warning, depend on it).
+        """
+        return type(self).finish is not Lever.finish
+
     def finish(self, module: nn.Module | None, model: MultiTaskModel, data: Any) -> None:
         """Change the final model in place, once, when training is over (a no-op by default).
 
@@ -100,5 +108,5 @@ class Lever:
 
 
 def finishing_levers(model: MultiTaskModel) -> list[int]:
-    """Indices of ``model``'s levers that override :meth:`Lever.finish` (they change the final model)."""
-    return [k for k, lever in enumerate(model.levers) if type(lever).finish is not Lever.finish]
+    """Indices of ``model``'s levers whose :meth:`Lever.finish` changes the final model (:meth:`Lever.finishes`)."""
+    return [k for k, lever in enumerate(model.levers) if lever.finishes()]

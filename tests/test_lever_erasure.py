@@ -519,7 +519,8 @@ def test_fit_erasure_equalises_the_cell_means_of_the_final_features_on_its_data(
     after, f1 = cell_gaps(fitted)
     assert before > 1e-2 and after < 1e-5, (before, after)
     assert torch.equal(f0["b"], f1["b"])  # b is not a source: its features are untouched
-    assert [c.name for c in fitted.experiment.levers] == ["erasure"] and fitted.experiment.levers[0].args["frozen"]
+    assert [c.name for c in fitted.experiment.levers] == ["erasure"]
+    assert fitted.experiment.levers[0].args["fit"] == "after"
     assert not model.experiment.levers and all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert not fitted.training and int(fitted.lever_modules["0"].sources["a"].rank) == 4  # 2 classes of a x 2 gaps
     with pytest.raises(md.ComponentError, match=r"fit_erasure: data: pass one split"):
@@ -659,8 +660,10 @@ def test_fit_after_follows_batchnorm_recomputation_and_fits_on_its_own_input(tmp
     x = data.x[:40]
     got, want = run.model.eval().predict_proba(x), expected.eval().predict_proba(x)
     assert all(torch.allclose(got[t], want[t], atol=1e-6) for t in want)
-    with pytest.raises(md.MtdisentError, match="in-memory run's model was changed after its last iteration"):
-        run.model_at("latest")
+    # in memory, the last iteration's model is kept: without the fit, and with the running statistics
+    latest, plain_latest = run.model_at("latest").state_dict(), plain.model_at("latest").state_dict()
+    assert int(latest["lever_modules.0.sources.a.rank"]) == 0
+    assert all(torch.equal(v, latest[k]) for k, v in plain_latest.items())
     # a later lever that changes a's features does not change what the fit="after" layer is fitted on
     later = {"name": "erasure", "args": {"pairs": ["a->b"], "momentum": None, "min_count": 1}}
     model = md.build_model(toy_experiment(levers=[after, later])).eval()
@@ -671,3 +674,19 @@ def test_fit_after_follows_batchnorm_recomputation_and_fits_on_its_own_input(tmp
     for c in range(2):
         means = torch.stack([z[(data.a == c) & (data.b == d)].mean(0) for d in range(3)])  # (3, D)
         assert (means - means[0]).abs().max() < 1e-4 * means.abs().max(), c
+
+
+def test_a_running_erasure_does_not_finish_and_best_without_validation_is_the_final_model(tmp_path, recwarn):
+    from conftest import ToyDataset, toy_experiment
+
+    data = ToyDataset(120, seed=3)
+    running = md.train(toy_experiment(levers=[{"name": "erasure", "args": {"min_count": 5}}]), data, quiet=True)
+    assert not running.finished and running.model_at("latest") is running.model
+    after = {"name": "erasure", "args": {"fit": "after", "pairs": ["a->b"], "min_count": 5}}
+    run = md.train(toy_experiment(levers=[after]), data, out_dir=tmp_path / "run", quiet=True)  # no validation
+    assert run.finished and run.model_at("best") is run.model
+    loaded = md.load(tmp_path / "run", "best")  # the final model, as model_at gives it
+    assert int(loaded.lever_modules["0"].sources["a"].rank) == 4
+    md.evaluate(running, data=data, probes=())
+    md.evaluate(tmp_path / "run", data=data, probes=())
+    assert not [w for w in recwarn if "checkpoint holds the model before" in str(w.message)]

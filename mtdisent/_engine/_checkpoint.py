@@ -352,8 +352,10 @@ def load_with_provenance(
 ) -> tuple[MultiTaskModel, dict[str, Any]]:
     """:func:`load`, also saying what was loaded: ``{"checkpoint": label, "iteration": n}``.
 
-    The label is ``"final"``, ``"best"``, ``"latest"``, ``"checkpoint <name>"`` for a checkpoint directory, or
-    ``"latest (the run has no <which> model)"`` when a run directory lacks the model asked for.
+    The label is ``"final"``, ``"best"``, ``"latest"``, ``"checkpoint <name>"`` for a checkpoint directory,
+    ``"final (the run has no best checkpoint)"`` for ``"best"`` from a run trained without validation (as
+    :meth:`~mtdisent.Run.model_at` gives it), or ``"latest (the run has no <which> model)"`` when a run directory
+    lacks the model asked for.
     """
     path = Path(path)
     check_which(which)
@@ -366,7 +368,8 @@ def load_with_provenance(
         }
     if not path.is_dir():
         raise CheckpointError(f"{str(path)!r} is not a run or checkpoint directory")
-    if which == "final" and (path / "model.json").is_file():
+    no_best = which == "best" and not (path / "checkpoints" / "best").is_dir()
+    if (which == "final" or no_best) and (path / "model.json").is_file():
         meta_file, tensor_file = path / "model.json", path / "model.safetensors"
         try:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
@@ -379,7 +382,8 @@ def load_with_provenance(
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{str(tensor_file)!r} cannot be read: {exc}") from exc
         model = _model_from(tensors, saved_experiment(meta["experiment"]), meta.get("input_shape"), tensor_file)
-        return model.to(device).eval(), {"checkpoint": "final", "iteration": meta.get("iteration")}
+        label = "final (the run has no best checkpoint)" if no_best else "final"
+        return model.to(device).eval(), {"checkpoint": label, "iteration": meta.get("iteration")}
     if which == "best" and (path / "checkpoints" / "best").is_dir():
         model, info = load_with_provenance(path / "checkpoints" / "best", device=device)
         return model, {**info, "checkpoint": "best"}

@@ -194,9 +194,13 @@ class Loop:
             # the final model in the layout md.load gives it (channels-last encoders compute within rounding of it)
             self.model.encoders.to(memory_format=torch.contiguous_format)
             self.checkpointer.write_last(self)  # with the running statistics: what resuming continues from
+            finished = tr.batchnorm_stats == "recompute" or bool(finishing_levers(self.model))
+            latest_state = None  # an in-memory run keeps the last iteration's model, as a directory keeps it
+            if finished and self.out_dir is None:
+                latest_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if tr.batchnorm_stats == "recompute":  # every rank the same full pass: the same statistics
                 self._recompute_batchnorm()
-            finished = self._finish_levers() or tr.batchnorm_stats == "recompute"
+            self._finish_levers()
             self._call("on_train_end")
             self.barrier()
         finally:
@@ -212,6 +216,7 @@ class Loop:
             self.best,
             self.checkpointer.best_state,
             finished,
+            latest_state,
         )
 
     def _recompute_batchnorm(self) -> None:
@@ -237,18 +242,20 @@ class Loop:
                 vars(lever).clear()
                 vars(lever).update(values)
 
-    def _finish_levers(self) -> bool:
-        """Every lever's :meth:`~mtdisent.Lever.finish` on the final model, then every rank holds rank 0's.
-
-        Returns whether a lever has a ``finish``.
-        """
+    def _finish_levers(self) -> None:
+        """The levers' :meth:`~mtdisent.Lever.finish` that change the final model; then every rank holds rank 0's."""
         model, finishing = self.model, finishing_levers(self.model)
         for k in finishing:
+            where = f"levers[{k}] {self.experiment.levers[k].name!r}, at the end of training"
             try:
                 model.levers[k].finish(model.lever_module(k), model, self.train_split)
-            except MtdisentError as exc:
-                error = with_context(exc, f"levers[{k}] {self.experiment.levers[k].name!r}, at the end of training")
-                if self.out_dir is not None:  # nothing is lost: say where the trained model is
+            except Exception as exc:  # a torch error too (out of memory): say where the trained model is
+                error = (
+                    with_context(exc, where)
+                    if isinstance(exc, MtdisentError)
+                    else MtdisentError(f"{where}: {type(exc).__name__}: {exc}")
+                )
+                if self.out_dir is not None:  # nothing is lost
                     kept = f"md.load({str(self.out_dir)!r}, 'latest')"
                     error.args = (f"{error}; the model training ended with is {kept}",)
                 raise error from exc
@@ -256,7 +263,6 @@ class Loop:
         if finishing and self.dist.enabled:
             for tensor in [*model.parameters(), *model.buffers()]:
                 torch.distributed.broadcast(tensor.data, src=0)
-        return bool(finishing)
 
     def _call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:

@@ -32,6 +32,8 @@ class Run:
             directory keeps them in ``checkpoints/best``). Use :meth:`model_at` rather than reading it.
         finished: Whether :attr:`model` was changed after the last iteration (BatchNorm statistics recomputed,
             a lever's :meth:`~mtdisent.Lever.finish`), so that it differs from every checkpoint.
+        latest_state: For a :attr:`finished` run without ``out_dir``: the model weights at the last iteration
+            (a run with a directory keeps them in its last checkpoint). Use :meth:`model_at`.
     """
 
     experiment: Experiment
@@ -42,6 +44,7 @@ class Run:
     best: dict[str, Any] | None = None
     best_state: dict[str, torch.Tensor] | None = None
     finished: bool = False
+    latest_state: dict[str, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         where = str(self.out_dir) if self.out_dir is not None else "in memory"
@@ -71,22 +74,25 @@ class Run:
         if which == "latest":
             if not self.finished:
                 return self.model
+            if self.latest_state is not None:
+                return self._with(self.latest_state)
             if self.out_dir is not None:
                 return load(self.out_dir, which="latest").to(device)
-            raise MtdisentError(
-                "this in-memory run's model was changed after its last iteration (BatchNorm statistics recomputed "
-                "or a lever's finish) and its state before was not kept; pass which='final', or train with out_dir"
-            )
+            raise MtdisentError("the last iteration's model of this run was not kept; pass which='final'")
         assert self.best is not None
         if self.best.get("iteration") == self.iteration and not self.finished:
             return self.model
         if self.best_state is not None:
-            model = copy.deepcopy(self.model)
-            model.load_state_dict(self.best_state)
-            return model
+            return self._with(self.best_state)
         if self.out_dir is not None and (self.out_dir / "checkpoints" / "best").is_dir():
             return load(self.out_dir, which="best").to(device)
         raise MtdisentError(
             f"the best checkpoint (iteration {self.best.get('iteration')}) of this run was not kept; "
             "pass which='final', or train with out_dir to keep it"
         )
+
+    def _with(self, state: dict[str, torch.Tensor]) -> MultiTaskModel:
+        """A copy of :attr:`model` holding ``state``."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(state)
+        return model

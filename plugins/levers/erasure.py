@@ -353,11 +353,11 @@ class Erasure(Lever):
             model (until then the layer erases nothing).
         fit: ``"running"`` (default): the statistics follow the training batches as above. ``"after"``: erasure
             after training, inside ``md.train``: the layer erases nothing while the model trains (its statistics
-            stay zero, the identity) and, when training ends, is fitted once on exact cell means of the final
-            features over the training split (:meth:`finish`, what :func:`fit_erasure` does to a trained model),
-            so the final model (``run.model``, ``md.load(run_dir)``) erases, in training and eval mode alike;
-            checkpoints, ``best`` included, hold the model before it. ``momentum`` is not used; ``frozen`` must
-            stay false.
+            stay zero, the identity) and, when training ends, is fitted once on exact cell means of its input
+            features (the final model's) over the training split (:meth:`finish`, what :func:`fit_erasure` does
+            to a trained model), so the final model (``run.model``, ``md.load(run_dir)``) erases, in training and
+            eval mode alike; checkpoints, ``best`` included, hold the model before it. ``momentum`` is not used;
+            ``frozen`` must stay false.
         retrain_epochs: With ``fit="after"``: the classifier of every erased source is then trained again for
             this many epochs on its erased training features (:func:`mtdisent.retrain_classifiers`, seeded by the
             experiment's seed); 0 leaves the classifiers as trained (they then read erased features they never
@@ -477,11 +477,15 @@ class Erasure(Lever):
             return features
         return module(features, labels if training and not (self.frozen or self.fit == "after") else None)
 
-    def finish(self, module: nn.Module | None, model: MultiTaskModel, data: Any) -> None:
-        """With ``fit="after"``: fit the layer on the final features of ``data`` (the training split).
+    def finishes(self) -> bool:
+        """Only ``fit="after"`` changes the final model."""
+        return self.fit == "after"
 
-        Exact cell means over one pass, as :func:`fit_erasure` fits them; then the erased sources' classifiers are
-        retrained ``retrain_epochs`` epochs.
+    def finish(self, module: nn.Module | None, model: MultiTaskModel, data: Any) -> None:
+        """With ``fit="after"``: fit the layer on its input features over ``data`` (the training split).
+
+        Exact cell means over one pass of the final model, as :func:`fit_erasure` fits them; then the erased
+        sources' classifiers are retrained ``retrain_epochs`` epochs.
         """
         if self.fit != "after" or module is None:
             return
@@ -516,15 +520,15 @@ def fit_erasure(
 
     LEACE as its authors use it: the statistics are exact class-conditional means of the *final* features over one
     pass of ``data`` (usually the training split), not running means of an encoder that kept moving. On ``data``
-    every erased pair's usable cell means are then equal within each class of the source (``conditional``; see
-    the module docstring for each mode), so a linear probe fitted on ``data`` can do no better than a constant
-    there. The copy's experiment is the model's plus a frozen ``erasure`` lever (these arguments), placed after the
-    model's own levers; its weights are the model's, and the model itself is unchanged. By default the classifiers
-    are not retrained: they read the erased features as they are, so check their accuracy (``md.evaluate``) on the
-    copy. With ``retrain_epochs``, :func:`mtdisent.retrain_classifiers` then trains the classifier of every erased
-    source again on its erased features of ``data`` (from its weights; encoders and other heads frozen). The erasure
-    is fitted first and is not changed by the retraining, so the linear guarantee on the features holds whatever
-    the heads learn.
+    every erased pair's usable cell means are then equal within each class of the source (``conditional``; see the
+    module docstring for each mode), so a linear probe fitted on ``data`` can do no better than a constant there.
+    The copy's experiment is the model's plus an ``erasure`` lever with ``fit="after"`` (these arguments), placed
+    after the model's own levers; its weights are the model's, and the model itself is unchanged. By default the
+    classifiers are not retrained: they read the erased features as they are, so check their accuracy
+    (``md.evaluate``) on the copy. With ``retrain_epochs``, :func:`mtdisent.retrain_classifiers` then trains the
+    classifier of every erased source again on its erased features of ``data`` (from its weights; encoders and other
+    heads frozen). The erasure is fitted first and is not changed by the retraining, so the linear guarantee on the
+    features holds whatever the heads learn.
 
     Args:
         model: A trained :class:`~mtdisent.MultiTaskModel` (for example ``md.load(run_dir)``).
@@ -564,7 +568,7 @@ def fit_erasure(
         raise ComponentError(f"fit_erasure: retrain_lr={retrain_lr!r}: expected a number > 0 or None")
     spec = model.experiment.model_dump(mode="json")
     index = len(spec["levers"])
-    spec["levers"].append({"name": "erasure", "args": {**args, "frozen": True}})
+    spec["levers"].append({"name": "erasure", "args": {**args, "fit": "after", "retrain_epochs": retrain_epochs}})
     experiment = Experiment.model_validate(spec, context={"skip_registry_checks": ("objective", "dataset")})
     device = next(model.parameters()).device
     fitted = build_model(experiment, model.input_shape).to(device)
@@ -609,17 +613,24 @@ def _fit_layer(
     sources = [name for name, _ in layer.items()]
     batches: list[dict[str, torch.Tensor]] = []
 
-    def keep_input(module: nn.Module, args: tuple[Any, ...]) -> None:
-        batches.append({t: args[0][t].detach().float().cpu() for t in sources})  # {source: (B, D)}
+    def keep_input(module: nn.Module, args: tuple[Any, ...]) -> None:  # its own copy: nothing else aliases it
+        batches.append({t: args[0][t].detach().to("cpu", torch.float32, copy=True) for t in sources})  # (B, D)
 
     hook = layer.register_forward_pre_hook(keep_input)
     try:
         with torch.random.fork_rng(devices=[]):  # a dataset's random augmentation draws the same images every time
             torch.manual_seed(seed)
-            _, labels = collect_features(model, data, batch_size, num_workers=num_workers)  # {task: (N,)}, CPU
+            labels = collect_features(model, data, batch_size, num_workers=num_workers)[1]  # {task: (N,)}, CPU
     finally:
         hook.remove()
+    n, seen = len(next(iter(labels.values()))), sum(len(b[sources[0]]) for b in batches)
+    if n == 0 or seen != n:
+        raise ComponentError(
+            f"fitting the erasure: the data gave {n} samples and the layer saw {seen} rows; it needs at least one "
+            "sample, and to be called once per batch"
+        )
     features = {t: torch.cat([b[t] for b in batches]).to(device) for t in sources}  # {source: (N, D)}
+    batches.clear()
     # every process of a distributed run read the whole of data: nothing to sum over them
     layer.update(features, {t: y.to(device) for t, y in labels.items()}, reduce=False)
     if retrain_epochs:
