@@ -19,7 +19,7 @@ from ._data import DataError, DataSource, resolve_data, task_classes
 from ._engine import Run
 from ._engine._checkpoint import load_with_provenance
 from ._errors import MtdisentError
-from ._levers import finishing_levers
+from ._levers import change_after_training
 from ._model import MultiTaskModel, map_features
 from ._torch import eval_mode
 from .evaluation import (
@@ -64,14 +64,8 @@ def resolve_model(source: Any, which: str = "best") -> tuple[MultiTaskModel, dic
 
 def _warn_before_finish(model: MultiTaskModel, checkpoint: str, where: str) -> None:
     """Warn when a checkpoint is read from a run whose final model was changed after its last iteration."""
-    if checkpoint.startswith("final"):
-        return
-    finishing = finishing_levers(model)
-    if finishing:
-        what = f"levers[{finishing[0]}] {model.experiment.levers[finishing[0]].name!r} changed it"
-    elif model.experiment.training.batchnorm_stats == "recompute":
-        what = "its BatchNorm statistics were recomputed"
-    else:
+    what = change_after_training(model)
+    if what is None or checkpoint.startswith("final"):
         return
     warnings.warn(
         f"{where}: the {checkpoint} checkpoint holds the model before {what} at the end of training; which='final' "

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ._engine._step import AdversarialStep
     from ._model import MultiTaskModel
 
-__all__ = ["Lever", "finishing_levers"]
+__all__ = ["Lever", "change_after_training", "finishing_levers"]
 
 
 class Lever:
@@ -110,3 +110,16 @@ class Lever:
 def finishing_levers(model: MultiTaskModel) -> list[int]:
     """Indices of ``model``'s levers whose :meth:`Lever.finish` changes the final model (:meth:`Lever.finishes`)."""
     return [k for k, lever in enumerate(model.levers) if lever.finishes()]
+
+
+def change_after_training(model: MultiTaskModel) -> str | None:
+    """What ``md.train`` changes in ``model`` after its last checkpoint (a lever's finish, BatchNorm recomputed).
+
+    ``None`` when nothing does: the final model is then the last iteration's.
+    """
+    finishing = finishing_levers(model)
+    if finishing:
+        return f"levers[{finishing[0]}] {model.experiment.levers[finishing[0]].name!r} changed it"
+    if model.experiment.training.batchnorm_stats == "recompute":
+        return "its BatchNorm statistics were recomputed"
+    return None

@@ -368,7 +368,8 @@ def load_with_provenance(
         }
     if not path.is_dir():
         raise CheckpointError(f"{str(path)!r} is not a run or checkpoint directory")
-    no_best = which == "best" and not (path / "checkpoints" / "best").is_dir()
+    has_best = (path / "checkpoints" / "best").is_dir()
+    no_best = which == "best" and not has_best
     if (which == "final" or no_best) and (path / "model.json").is_file():
         meta_file, tensor_file = path / "model.json", path / "model.safetensors"
         try:
@@ -384,7 +385,7 @@ def load_with_provenance(
         model = _model_from(tensors, saved_experiment(meta["experiment"]), meta.get("input_shape"), tensor_file)
         label = "final (the run has no best checkpoint)" if no_best else "final"
         return model.to(device).eval(), {"checkpoint": label, "iteration": meta.get("iteration")}
-    if which == "best" and (path / "checkpoints" / "best").is_dir():
+    if which == "best" and has_best:
         model, info = load_with_provenance(path / "checkpoints" / "best", device=device)
         return model, {**info, "checkpoint": "best"}
     latest = latest_checkpoint(path)

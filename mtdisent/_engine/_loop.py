@@ -19,7 +19,7 @@ import torch.distributed
 from .._batchnorm import recompute_batchnorm
 from .._data import Batch, ContractView, DataError, DataSource, _shape, resolve_data, task_classes
 from .._errors import MtdisentError, SpecError, with_context
-from .._levers import finishing_levers
+from .._levers import change_after_training, finishing_levers
 from .._model import build_model
 from .._registry import objectives
 from .._spec import Experiment
@@ -194,7 +194,7 @@ class Loop:
             # the final model in the layout md.load gives it (channels-last encoders compute within rounding of it)
             self.model.encoders.to(memory_format=torch.contiguous_format)
             self.checkpointer.write_last(self)  # with the running statistics: what resuming continues from
-            finished = tr.batchnorm_stats == "recompute" or bool(finishing_levers(self.model))
+            finished = change_after_training(self.model) is not None
             latest_state = None  # an in-memory run keeps the last iteration's model, as a directory keeps it
             if finished and self.out_dir is None:
                 latest_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
