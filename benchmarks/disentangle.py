@@ -78,6 +78,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
         {"adversary": {"steps": 10}, "training": {"adversary_optimizer": {"lr": 1e-3}}},
     ),
     "long": ("the default with twice the iterations", {"training": {"iterations": "x2"}}),
+    "fresh": (
+        "the default with adversary steps on fresh batches, re-encoded without gradients (adversary.features="
+        "'fresh', the paper's public code) instead of the main step's features",
+        {"adversary": {"features": "fresh"}},
+    ),
     "erasure": ("the default plus the conditional erasure lever", {"levers": [{"name": "erasure"}]}),
     "erasure_cumulative": (
         "the default plus conditional erasure on exact cumulative cell means (momentum=None)",
