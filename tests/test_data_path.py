@@ -135,6 +135,30 @@ def test_workers_give_the_same_training_and_resume_exactly(tmp_path, features):
         assert torch.equal(a[k], b[k]), k
 
 
+class AugmentedToy(ToyDataset):
+    """ToyDataset with noise drawn from torch's global RNG in ``__getitem__``, as random crops and shifts are."""
+
+    def __getitem__(self, i):
+        x, labels = super().__getitem__(i)
+        return x + 0.1 * torch.randn(x.shape), labels
+
+
+def test_augmentation_from_the_global_rng_follows_the_experiment_seed_and_resumes_exactly(tmp_path):
+    e = toy_experiment(training={"iterations": 6, "checkpoint_every": 3})
+    data = {"train": AugmentedToy()}
+    torch.manual_seed(1)  # the caller's stream: a new process starts it at a random seed
+    plain = md.train(e, data=data, quiet=True)
+    torch.manual_seed(2)
+    caller = torch.get_rng_state()
+    short = e.model_copy(update={"training": e.training.model_copy(update={"iterations": 3})})
+    md.train(short, data=data, out_dir=tmp_path, quiet=True)
+    resumed = md.train(e, data=data, out_dir=tmp_path, resume=True, quiet=True)
+    assert torch.equal(torch.get_rng_state(), caller)  # training drew from streams of its own
+    a, b = plain.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 # -- per-sample transforms -------------------------------------------------------------------------------
 def test_with_transform_applies_to_the_chosen_splits_only():
     source = md.DataSource({"train": TensorDataset(6), "test": TensorDataset(6)})

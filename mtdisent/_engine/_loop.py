@@ -161,10 +161,48 @@ class Loop:
             )
         self.chance = _chance(train_view, experiment)
         self.train_view = train_view
+        # the global RNG streams training draws from (augmentations in a dataset's __getitem__, dropout, levers):
+        # seeded by the experiment and the rank, set while run() runs, carried between runs, saved in checkpoints
+        self.running = False
+        with torch.random.fork_rng(devices=self._cuda()):
+            torch.manual_seed(experiment.seed * 1_000_003 + 104_729 + dist.rank)
+            self.rng_state = self._global_rng()
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> Run:
-        """Train to ``training.iterations`` (or until a callback sets ``should_stop``); returns the :class:`Run`."""
+        """Train to ``training.iterations`` (or until a callback sets ``should_stop``); returns the :class:`Run`.
+
+        Training draws from torch's global RNG streams of its own: seeded from ``experiment.seed`` (and the rank)
+        when the loop is built, continued by the next call, restored from a checkpoint when resuming. The
+        caller's global RNG state is as it was afterwards, and the same spec trains the same model in any process.
+        """
+        with torch.random.fork_rng(devices=self._cuda()):
+            self.running = True
+            self._set_rng(self.rng_state)
+            try:
+                return self._run()
+            finally:
+                self.rng_state = self._global_rng()
+                self.running = False
+
+    def _cuda(self) -> list[torch.device]:
+        return [self.setup.device] if self.setup.device.type == "cuda" else []
+
+    def _global_rng(self) -> dict[str, torch.Tensor]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.setup.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.setup.device)
+        return rng
+
+    def _set_rng(self, rng: dict[str, torch.Tensor]) -> None:
+        if not self.running:  # restored outside run(): the stream the next run() continues
+            self.rng_state = rng
+            return
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.setup.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.setup.device)
+
+    def _run(self) -> Run:
         tr = self.experiment.training
         eval_every = tr.eval_every or tr.checkpoint_every
         try:
@@ -289,9 +327,7 @@ class Loop:
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything needed to continue exactly: tensors (safetensors) and a JSON-able dict."""
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if self.setup.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.setup.device)
+        rng = self._global_rng() if self.running else self.rng_state  # between runs: the kept stream
         state: dict[str, Any] = {
             "iteration": self.iteration,
             "experiment": json.loads(self.experiment.model_dump_json()),
@@ -316,10 +352,7 @@ class Loop:
             raise CheckpointError(f"{str(where)!r} does not fit this experiment's model: {exc}") from exc
         self.step.load_state_dict(unpack_state(state["step"], tensors))
         self.feed.load_state_dict(unpack_state(state["feed"], tensors))
-        rng = unpack_state(state["rng"], tensors)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.setup.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.setup.device)
+        self._set_rng(unpack_state(state["rng"], tensors))
         saved = state.get("callbacks", {})
         for cb in self.callbacks:
             if type(cb).__name__ in saved:
