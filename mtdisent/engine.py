@@ -66,6 +66,7 @@ def build_loop(
         **kwargs: ``resume``, ``restart``, ``quiet``, ``callbacks``, ``metrics`` as for :func:`mtdisent.train`.
 
     Returns:
-        The :class:`Loop`: ``loop.step.update(i)`` runs iteration ``i``; ``loop.run()`` trains.
+        The :class:`Loop`: ``loop.step.update(i)`` runs iteration ``i`` (drawing from the caller's global RNG;
+        ``loop.seed_streams(i)`` first draws what ``loop.run()`` would); ``loop.run()`` trains.
     """
     return Loop(experiment, resolve_data(experiment, data), out_dir, resolve_device(device), DistInfo(), **kwargs)

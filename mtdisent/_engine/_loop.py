@@ -161,46 +161,31 @@ class Loop:
             )
         self.chance = _chance(train_view, experiment)
         self.train_view = train_view
-        # the global RNG streams training draws from (augmentations in a dataset's __getitem__, dropout, levers):
-        # seeded by the experiment and the rank, set while run() runs, carried between runs, saved in checkpoints
-        self.running = False
-        with torch.random.fork_rng(devices=self._cuda()):
-            torch.manual_seed(experiment.seed * 1_000_003 + 104_729 + dist.rank)
-            self.rng_state = self._global_rng()
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> Run:
         """Train to ``training.iterations`` (or until a callback sets ``should_stop``); returns the :class:`Run`.
 
-        Training draws from torch's global RNG streams of its own: seeded from ``experiment.seed`` (and the rank)
-        when the loop is built, continued by the next call, restored from a checkpoint when resuming. The
-        caller's global RNG state is as it was afterwards, and the same spec trains the same model in any process.
+        What draws from torch's global generators meanwhile (a dataset's random augmentation in ``__getitem__``,
+        dropout, a callback) draws from streams seeded at every iteration by ``experiment.seed``, the iteration
+        and the rank (:meth:`seed_streams`): the same spec trains the same model in any process, a resumed run
+        continues exactly on every rank, and the caller's generator states are as they were afterwards.
         """
-        with torch.random.fork_rng(devices=self._cuda()):
-            self.running = True
-            self._set_rng(self.rng_state)
-            try:
-                return self._run()
-            finally:
-                self.rng_state = self._global_rng()
-                self.running = False
+        devices = [self.setup.device] if self.setup.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._run()
 
-    def _cuda(self) -> list[torch.device]:
-        return [self.setup.device] if self.setup.device.type == "cuda" else []
+    def seed_streams(self, iteration: int, shared: bool = False) -> None:
+        """Seed the global CPU generator (and the training device's) for ``iteration`` of this rank.
 
-    def _global_rng(self) -> dict[str, torch.Tensor]:
-        rng = {"torch": torch.get_rng_state()}
+        ``shared``: the same streams on every rank (passes that must agree across ranks).
+        """
+        rank = 0 if shared else self.dist.rank + 1
+        seed = ((self.experiment.seed * 1_000_003 + iteration) * 8191 + rank) * 2 + 1  # apart from every other seed
+        torch.default_generator.manual_seed(seed)
         if self.setup.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.setup.device)
-        return rng
-
-    def _set_rng(self, rng: dict[str, torch.Tensor]) -> None:
-        if not self.running:  # restored outside run(): the stream the next run() continues
-            self.rng_state = rng
-            return
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.setup.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.setup.device)
+            with torch.cuda.device(self.setup.device):
+                torch.cuda.manual_seed(seed)
 
     def _run(self) -> Run:
         tr = self.experiment.training
@@ -210,6 +195,7 @@ class Loop:
                 self.model.encoders.to(memory_format=torch.channels_last)
             self._call("on_train_start")
             while self.iteration < tr.iterations:
+                self.seed_streams(self.iteration)
                 metrics: dict[str, Any] = self.step.update(self.iteration)
                 self.iteration += 1
                 metrics["iteration"] = self.iteration
@@ -236,6 +222,7 @@ class Loop:
             latest_state = None  # an in-memory run keeps the last iteration's model, as a directory keeps it
             if finished and self.out_dir is None:
                 latest_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.seed_streams(self.iteration, shared=True)
             if tr.batchnorm_stats == "recompute":  # every rank the same full pass: the same statistics
                 self._recompute_batchnorm()
             self._finish_levers()
@@ -327,7 +314,6 @@ class Loop:
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything needed to continue exactly: tensors (safetensors) and a JSON-able dict."""
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        rng = self._global_rng() if self.running else self.rng_state  # between runs: the kept stream
         state: dict[str, Any] = {
             "iteration": self.iteration,
             "experiment": json.loads(self.experiment.model_dump_json()),
@@ -335,7 +321,6 @@ class Loop:
             "best": self.best,
             "step": pack_state(self.step.state_dict(), tensors, "step"),
             "feed": pack_state(self.feed.state_dict(), tensors, "feed"),
-            "rng": pack_state(rng, tensors, "rng"),
             "callbacks": {
                 type(cb).__name__: pack_state(cb.state_dict(), tensors, f"callbacks.{type(cb).__name__}")
                 for cb in self.callbacks
@@ -352,7 +337,6 @@ class Loop:
             raise CheckpointError(f"{str(where)!r} does not fit this experiment's model: {exc}") from exc
         self.step.load_state_dict(unpack_state(state["step"], tensors))
         self.feed.load_state_dict(unpack_state(state["feed"], tensors))
-        self._set_rng(unpack_state(state["rng"], tensors))
         saved = state.get("callbacks", {})
         for cb in self.callbacks:
             if type(cb).__name__ in saved:
