@@ -21,6 +21,7 @@ from ._engine._setup import build_optimizer
 from ._engine._step import masked_cross_entropy
 from ._errors import MtdisentError, did_you_mean
 from ._model import MultiTaskModel
+from ._torch import own_rng
 from .evaluation._features import collect_features
 
 __all__ = ["retrain_classifiers"]
@@ -91,8 +92,7 @@ def retrain_classifiers(
     training = model.experiment.training
     optimizer = training.optimizer if lr is None else training.optimizer.model_copy(update={"lr": float(lr)})
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with own_rng(device, seed):
         features, labels = collect_features(model, data, batch_size, num_workers=num_workers)  # {task: (N, D)}, CPU
         for task in names:
             keep = labels[task] >= 0

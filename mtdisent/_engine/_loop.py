@@ -23,6 +23,7 @@ from .._levers import change_after_training, finishing_levers
 from .._model import build_model
 from .._registry import objectives
 from .._spec import Experiment
+from .._torch import own_rng, seed_rng
 from ..evaluation._metric import Accuracy, Metric
 from ._callbacks import Callback, Checkpointer, GracefulStop, MetricsLog, Progress, check_callbacks
 from ._checkpoint import CheckpointError, pack_state, unpack_state
@@ -171,8 +172,7 @@ class Loop:
         and the rank (:meth:`seed_streams`): the same spec trains the same model in any process, a resumed run
         continues exactly on every rank, and the caller's generator states are as they were afterwards.
         """
-        devices = [self.setup.device] if self.setup.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with own_rng(self.setup.device):
             return self._run()
 
     def seed_streams(self, iteration: int, shared: bool = False) -> None:
@@ -182,10 +182,7 @@ class Loop:
         """
         rank = 0 if shared else self.dist.rank + 1
         seed = ((self.experiment.seed * 1_000_003 + iteration) * 8191 + rank) * 2 + 1  # apart from every other seed
-        torch.default_generator.manual_seed(seed)
-        if self.setup.device.type == "cuda":
-            with torch.cuda.device(self.setup.device):
-                torch.cuda.manual_seed(seed)
+        seed_rng(seed, self.setup.device)
 
     def _run(self) -> Run:
         tr = self.experiment.training
